@@ -1,0 +1,134 @@
+"""Group-wise integer codes with fp16 scales (and zero points): the 2/3/4/8-bit workhorse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import CheckpointError, ShapeError
+from lowbit.formats.base import WeightFormat
+from lowbit.formats.packing import pack_codes, packed_row_bytes, unpack_codes
+from lowbit.formats.spec import QuantSpec
+
+
+@dataclass(eq=False)
+class GroupedInt(WeightFormat, kind="grouped_int"):
+    """Integer codes in groups of ``group_size`` consecutive input columns, one scale (and zero) per group.
+
+    Tensors (``G = ceil(in_features / group_size)``):
+
+    ======  ======  =======================================  ==================================
+    name    dtype   shape                                    meaning
+    ======  ======  =======================================  ==================================
+    codes   uint8   (out, ceil(in * bits / 8))               codes bit-packed per row, see packing
+    scale   fp16    (out, G)                                 step of each group
+    zero    fp16    (out, G)  -- asymmetric only             zero point in code units
+    ======  ======  =======================================  ==================================
+
+    ``w[o, i] = (q[o, i] - zero[o, i // group_size]) * scale[o, i // group_size]``; symmetric
+    formats use the fixed zero ``2**(bits-1)``.
+
+    A ``group_size`` that does not divide ``in_features`` leaves a shorter last group
+    (SmolLM2's 576 columns at group 128 give groups of 128, 128, 128, 128 and 64): nothing is
+    padded and ``nbytes`` counts exactly what is stored.
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor | None
+    spec: QuantSpec
+    in_features: int
+
+    def __post_init__(self):
+        out_f = self.codes.shape[0]
+        want = {
+            "codes": ((out_f, packed_row_bytes(self.in_features, self.spec.bits)), torch.uint8),
+            "scale": ((out_f, self.spec.n_groups(self.in_features)), torch.float16),
+        }
+        if not self.spec.symmetric:
+            want["zero"] = want["scale"]
+        elif self.zero is not None:
+            raise ShapeError("a symmetric format stores no zero points")
+        for name, (shape, dtype) in want.items():
+            t = getattr(self, name)
+            if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+                got = None if t is None else f"{t.dtype} {tuple(t.shape)}"
+                raise ShapeError(f"grouped_int {self.spec}: {name} must be {dtype} {shape}, got {got}")
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def pack(cls, q: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec) -> "GroupedInt":
+        """From unpacked integer codes (out, in) in [0, 2**bits) and fp16 per-group parameters."""
+        return cls(pack_codes(q, spec.bits), scale, zero, spec, q.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.codes.shape[0], self.in_features)
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"codes": self.codes, "scale": self.scale}
+        if self.zero is not None:
+            out["zero"] = self.zero
+        return out
+
+    def meta(self) -> dict:
+        return {"kind": self.kind, "shape": list(self.shape), **self.spec.to_dict()}
+
+    @classmethod
+    def _spec_of(cls, meta: dict) -> tuple[QuantSpec, int, int]:
+        try:
+            out_f, in_f = meta["shape"]
+            spec = QuantSpec(meta["bits"], meta["group_size"], meta["symmetric"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"bad grouped_int metadata {meta!r}: {e}") from None
+        return spec, int(out_f), int(in_f)
+
+    @classmethod
+    def from_tensors(cls, meta: dict, tensors: dict[str, Tensor]) -> "GroupedInt":
+        spec, _, in_f = cls._spec_of(meta)
+        fmt = cls(tensors["codes"], tensors["scale"], tensors.get("zero"), spec, in_f)
+        if list(fmt.shape) != list(meta["shape"]):
+            raise ShapeError(f"grouped_int: codes hold shape {fmt.shape}, metadata says {meta['shape']}")
+        return fmt
+
+    @classmethod
+    def empty(cls, meta: dict) -> "GroupedInt":
+        spec, out_f, in_f = cls._spec_of(meta)
+        g = spec.n_groups(in_f)
+        codes = torch.zeros(out_f, packed_row_bytes(in_f, spec.bits), dtype=torch.uint8)
+        zero = None if spec.symmetric else torch.zeros(out_f, g, dtype=torch.float16)
+        return cls(codes, torch.zeros(out_f, g, dtype=torch.float16), zero, spec, in_f)
+
+    # -- reading ----------------------------------------------------------------------
+    def unpacked(self) -> Tensor:
+        """uint8 codes (out, in)."""
+        return unpack_codes(self.codes, self.spec.bits, self.in_features)
+
+    def zero_points(self) -> Tensor:
+        """fp16 (out, G) zero points, the fixed midpoint for symmetric formats."""
+        if self.zero is not None:
+            return self.zero
+        return torch.full_like(self.scale, float(1 << (self.spec.bits - 1)))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_codes(self.unpacked(), self.scale, self.zero_points(), self.spec).to(dtype)
+
+
+def expand_groups(per_group: Tensor, spec: QuantSpec, in_features: int) -> Tensor:
+    """(out, G) per-group values -> (out, in) per-column values (ragged last group handled)."""
+    g = spec.group_width(in_features)
+    return per_group.repeat_interleave(g, dim=1)[:, :in_features]
+
+
+def dequantize_codes(q: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    """fp32 (out, in) from integer codes (out, in) and fp16 (out, G) scale/zero."""
+    out_f, in_f = q.shape
+    g = spec.group_width(in_f)
+    n_groups = scale.shape[1]
+    if n_groups * g == in_f:                                                   # groups tile the row
+        qg = q.view(out_f, n_groups, g).float()                                # (out, G, g)
+        w = (qg - zero.float()[..., None]) * scale.float()[..., None]
+        return w.view(out_f, in_f)
+    return (q.float() - expand_groups(zero.float(), spec, in_f)) * expand_groups(scale.float(), spec, in_f)

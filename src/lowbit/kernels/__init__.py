@@ -1,0 +1,177 @@
+"""``y = x @ W.T (+ bias)`` for a stored weight format, choosing the fastest kernel per shape.
+
+Candidates (each checks whether it supports a format):
+
+==========  ============================================  ===========================================
+kernel      formats                                       how
+==========  ============================================  ===========================================
+reference   every format                                  dequantize to fp32 for the call, ``F.linear``
+aten_int4   4-bit, group 32/64/128/256 dividing in        ``torch.ops.aten._weight_int4pack_mm_for_cpu``
+aten_int8   8-bit per channel (symmetric or asymmetric)   ``torch.ops.aten._weight_int8pack_mm``
+==========  ============================================  ===========================================
+
+Which is fastest depends on the shape and the number of rows of ``x`` (at batch 1 on small
+CPUs the aten kernels can lose to a dequantize + fp32 matmul), so the first call for a
+(format layout, shape, row bucket) times every supported candidate on that layer's weight and
+remembers the winner for the process. ``LOWBIT_KERNEL=<name>`` forces one kernel wherever it
+applies (``reference`` everywhere), which makes runs reproducible bit for bit.
+
+A kernel may keep a repacked copy of the codes (never a dequantized fp32 weight) in the
+module's plan; the reference kernel keeps nothing between calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lowbit.formats import GroupedInt, WeightFormat
+
+log = logging.getLogger("lowbit.kernels")
+
+KERNELS: dict[str, "Kernel"] = {}
+
+
+class Kernel(ABC):
+    name: str
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        KERNELS[cls.name] = cls()
+
+    @abstractmethod
+    def supports(self, fmt: WeightFormat) -> bool: ...
+
+    def prepare(self, fmt: WeightFormat) -> Any:
+        """Per-layer state built once (e.g. repacked codes); ``None`` when the kernel needs none."""
+        return None
+
+    @abstractmethod
+    def run(self, x: Tensor, fmt: WeightFormat, state: Any) -> Tensor:
+        """x fp32 (m, in) -> (m, out)."""
+
+
+class Reference(Kernel):
+    name = "reference"
+
+    def supports(self, fmt):
+        return True
+
+    def run(self, x, fmt, state):
+        return F.linear(x, fmt.dequantize(x.dtype))
+
+
+class AtenInt4(Kernel):
+    name = "aten_int4"
+
+    def supports(self, fmt):
+        if not isinstance(fmt, GroupedInt) or fmt.spec.bits != 4 or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return False
+        g, (out_f, in_f) = fmt.spec.group_width(fmt.in_features), fmt.shape
+        return g in (32, 64, 128, 256) and in_f % g == 0 and in_f % 16 == 0 and out_f % 16 == 0
+
+    def prepare(self, fmt):
+        q = fmt.unpacked().to(torch.int32)                                    # (out, in)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        scale = fmt.scale.float()                                             # (out, G)
+        # aten computes (q - 8) * s + z'; ours is (q - z) * s, so z' = (8 - z) * s
+        zero = (8.0 - fmt.zero_points().float()) * scale
+        return packed, torch.stack([scale.t(), zero.t()], dim=-1).contiguous()  # (G, out, 2)
+
+    def run(self, x, fmt, state):
+        packed, scale_zero = state
+        g = fmt.spec.group_width(fmt.in_features)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, g, scale_zero)
+
+
+class AtenInt8(Kernel):
+    name = "aten_int8"
+
+    def supports(self, fmt):
+        return (isinstance(fmt, GroupedInt) and fmt.spec.bits == 8 and fmt.spec.n_groups(fmt.in_features) == 1
+                and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+
+    def prepare(self, fmt):
+        q = (fmt.codes.to(torch.int16) - 128).to(torch.int8)                  # (out, in) signed codes
+        scale = fmt.scale.float()[:, 0]                                      # (out,)
+        # (q_u - z) * s = (q_u - 128) * s + (128 - z) * s: the second term is a per-row offset
+        offset = None if fmt.zero is None else (128.0 - fmt.zero.float()[:, 0]) * scale
+        return q, scale, offset
+
+    def run(self, x, fmt, state):
+        q, scale, offset = state
+        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale)
+        if offset is not None:
+            y = y + x.sum(-1, keepdim=True) * offset
+        return y
+
+
+_CHOICE: dict[tuple, str] = {}
+
+
+def _row_bucket(m: int) -> int:
+    return 1 if m == 1 else 8 if m <= 8 else 64
+
+
+def _forced() -> str | None:
+    name = os.environ.get("LOWBIT_KERNEL")
+    if name and name not in KERNELS:
+        from lowbit.errors import LowbitError
+
+        raise LowbitError(f"LOWBIT_KERNEL={name!r} unknown; known: {', '.join(sorted(KERNELS))}")
+    return name
+
+
+def _time(kernel: Kernel, x: Tensor, fmt: WeightFormat, state: Any, reps: int = 3) -> float:
+    kernel.run(x, fmt, state)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        kernel.run(x, fmt, state)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def choose(fmt: WeightFormat, m: int, plans: dict) -> Kernel:
+    """The kernel for ``fmt`` at ``m`` rows: forced, remembered, or timed now on this layer."""
+    candidates = [k for k in KERNELS.values() if k.supports(fmt)]
+    forced = _forced()
+    if forced:
+        return KERNELS[forced] if KERNELS[forced].supports(fmt) else KERNELS["reference"]
+    if len(candidates) == 1:
+        return candidates[0]
+    key = (tuple(sorted(fmt.meta().items(), key=str)).__repr__(), _row_bucket(m))
+    if key not in _CHOICE:
+        x = torch.randn(_row_bucket(m), fmt.shape[1])
+        # losers' states are built for the timing only and dropped: a layer keeps one plan per kernel it uses
+        times = {k.name: _time(k, x, fmt, plans[k.name] if k.name in plans else k.prepare(fmt)) for k in candidates}
+        _CHOICE[key] = min(times, key=times.get)
+        log.debug("kernel for %s rows=%d: %s (%s)", fmt.meta(), _row_bucket(m), _CHOICE[key], times)
+    return KERNELS[_CHOICE[key]]
+
+
+def _state(kernel: Kernel, fmt: WeightFormat, plans: dict) -> Any:
+    if kernel.name not in plans:
+        plans[kernel.name] = kernel.prepare(fmt)
+    return plans[kernel.name]
+
+
+def linear(x: Tensor, fmt: WeightFormat, bias: Tensor | None, plans: dict) -> Tensor:
+    """``x @ W.T + bias`` for x (..., in); ``plans`` is the calling module's per-kernel state."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    dtype = x2.dtype
+    x2 = x2.float()
+    kernel = choose(fmt, x2.shape[0], plans)
+    y = kernel.run(x2, fmt, _state(kernel, fmt, plans))
+    if bias is not None:
+        y = y + bias
+    return y.to(dtype).reshape(*lead, y.shape[-1])
+

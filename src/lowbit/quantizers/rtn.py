@@ -1,0 +1,79 @@
+"""Round-to-nearest: min-max ranges, optionally shrunk by a searched clipping ratio."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lowbit.formats import GroupedInt, QuantSpec, dequantize_codes, expand_groups
+
+_FP16_TINY = 6.2e-5  # smallest normal fp16: scales below it would lose precision
+
+
+def group_view(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """(out, in) weight -> (out, G, g) groups padded with NaN, and the (out, G, g) validity mask."""
+    out_f, in_f = weight.shape
+    g, n_groups = spec.group_width(in_f), spec.n_groups(in_f)
+    padded = weight.new_full((out_f, n_groups * g), float("nan"))
+    padded[:, :in_f] = weight
+    padded = padded.view(out_f, n_groups, g)
+    return padded, ~padded.isnan()
+
+
+def minmax_qparams(weight: Tensor, spec: QuantSpec, ratio: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    """fp16 (out, G) scale and zero from each group's range, shrunk by ``ratio`` (scalar or (out, G))."""
+    groups, valid = group_view(weight.float(), spec)
+    lo = torch.where(valid, groups, torch.inf).amin(-1) * ratio                    # (out, G)
+    hi = torch.where(valid, groups, -torch.inf).amax(-1) * ratio
+    if spec.symmetric:
+        absmax = torch.maximum(lo.abs(), hi.abs())
+        scale = (2 * absmax / spec.maxq).clamp(min=_FP16_TINY).half()
+        return scale, torch.full_like(scale, float(1 << (spec.bits - 1)))
+    span = hi - lo
+    absmax = torch.maximum(lo.abs(), hi.abs())
+    # a constant group (span 0) is still exact: its one value sits on code 0 or maxq
+    scale = torch.where(span > 1e-6 * absmax, span / spec.maxq, absmax / spec.maxq)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(min=_FP16_TINY).half()
+    zero = (-lo / scale.float()).half()
+    return scale, zero
+
+
+def round_to_grid(weight: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    """uint8 codes (out, in): ``clamp(round(w / scale + zero), 0, maxq)`` with the stored fp16 parameters."""
+    in_f = weight.shape[1]
+    s = expand_groups(scale.float(), spec, in_f)
+    z = expand_groups(zero.float(), spec, in_f)
+    return torch.round(weight.float() / s + z).clamp_(0, spec.maxq).to(torch.uint8)
+
+
+def _pack(q: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> GroupedInt:
+    return GroupedInt.pack(q, scale, None if spec.symmetric else zero, spec)
+
+
+def rtn(weight: Tensor, spec: QuantSpec) -> GroupedInt:
+    """Round to nearest on each group's min-max range."""
+    scale, zero = minmax_qparams(weight, spec)
+    return _pack(round_to_grid(weight, scale, zero, spec), scale, zero, spec)
+
+
+def group_sq_error(weight: Tensor, q: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    """(out, G) squared reconstruction error per group."""
+    err = (dequantize_codes(q, scale, zero, spec) - weight.float()).pow(2)
+    groups, valid = group_view(err, spec)
+    return torch.where(valid, groups, 0.0).sum(-1)
+
+
+def rtn_clip(weight: Tensor, spec: QuantSpec, grid: int = 20, min_ratio: float = 0.5) -> GroupedInt:
+    """Round to nearest with each group's range shrunk by the ratio in [min_ratio, 1] that minimises weight error."""
+    best_err = best_scale = best_zero = None
+    for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
+        scale, zero = minmax_qparams(weight, spec, ratio)
+        err = group_sq_error(weight, round_to_grid(weight, scale, zero, spec), scale, zero, spec)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return _pack(round_to_grid(weight, best_scale, best_zero, spec), best_scale, best_zero, spec)

@@ -1,0 +1,167 @@
+"""Recipes: the declarative "what to do", validated when built; presets by name.
+
+A recipe in YAML (or the same keys in JSON)::
+
+    method: rtn_clip          # see `lowbit.quantizers.METHODS`
+    bits: 3                   # 2, 3, 4 or 8
+    group_size: 128           # -1 = one group per output channel
+    symmetric: false
+    options: {grid: 20}       # method-specific, checked against the method's options
+    targets: ["*"]            # module-name patterns to quantize
+    ignore: ["*.mlp.down_proj", "re:.*layers\\.0\\..*"]
+    calibration: {corpus: owt, windows: 128, seqlen: 512, seed: 0}
+
+Patterns match full module names such as ``model.layers.3.self_attn.q_proj``: shell globs
+(``fnmatch``), or regular expressions after ``re:`` (``re.fullmatch``). Only linear layers inside
+decoder blocks are candidates: embeddings and the head stay in full precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from lowbit.errors import RecipeError
+from lowbit.formats import QuantSpec
+from lowbit.quantizers import get_method
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Which text and how many windows a method that needs statistics sees."""
+
+    corpus: str = "owt"
+    windows: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        for k in ("windows", "seqlen"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or v < 1:
+                raise RecipeError(f"calibration.{k}={v!r} must be a positive integer")
+
+
+def _compile(pattern: str) -> re.Pattern:
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise RecipeError(f"bad pattern {pattern!r}: use a non-empty glob such as '*.q_proj' or 're:<regex>'")
+    if pattern.startswith("re:"):
+        try:
+            return re.compile(pattern[3:])
+        except re.error as e:
+            raise RecipeError(f"bad pattern {pattern!r}: {e}") from None
+    return re.compile(fnmatch.translate(pattern))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "custom"
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+    calibration: CalibrationSpec = CalibrationSpec()
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        self.spec                                                      # validates bits/group/symmetric
+        object.__setattr__(self, "options", get_method(self.method).check_options(dict(self.options)))
+        for p in self.targets + self.ignore:
+            _compile(p)
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+    def selects(self, module_name: str) -> bool:
+        """Whether the layer called ``module_name`` is quantized by this recipe."""
+        hit = lambda pats: any(_compile(p).fullmatch(module_name) for p in pats)  # noqa: E731
+        return hit(self.targets) and not hit(self.ignore)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(get_method(self.method).needs)
+
+    # -- (de)serialization -------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["targets"], d["ignore"], d["options"] = list(self.targets), list(self.ignore), dict(self.options)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], name: str | None = None) -> "Recipe":
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"a recipe must be a mapping of keys to values, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise RecipeError(f"unknown recipe key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        data = dict(data)
+        if name is not None:
+            data.setdefault("name", name)
+        cal = data.get("calibration", {})
+        if isinstance(cal, Mapping):
+            cal_known = {f.name for f in dataclasses.fields(CalibrationSpec)}
+            if set(cal) - cal_known:
+                raise RecipeError(f"unknown calibration key(s) {', '.join(sorted(set(cal) - cal_known))}; "
+                                  f"known: {', '.join(sorted(cal_known))}")
+            data["calibration"] = CalibrationSpec(**cal)
+        for k in ("targets", "ignore"):
+            if isinstance(data.get(k), str):
+                data[k] = [data[k]]
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise RecipeError(f"bad recipe: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from None
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise RecipeError(f"recipe {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                              f"{str(e).splitlines()[0]}") from None
+        return cls.from_dict(data or {}, name=path.stem)
+
+    @classmethod
+    def preset(cls, name: str) -> "Recipe":
+        if name not in PRESETS:
+            raise RecipeError(f"unknown recipe {name!r}; presets: {', '.join(PRESETS)} (or a .yaml/.json file)")
+        return cls.from_dict(PRESETS[name], name=name)
+
+    @classmethod
+    def resolve(cls, name_or_path: str | Path | "Recipe") -> "Recipe":
+        """A Recipe, a preset name, or a path to a YAML/JSON recipe file."""
+        if isinstance(name_or_path, Recipe):
+            return name_or_path
+        s = str(name_or_path)
+        if s in PRESETS:
+            return cls.preset(s)
+        if s.endswith((".yaml", ".yml", ".json")) or Path(s).exists():
+            return cls.from_file(s)
+        return cls.preset(s)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "w8": dict(method="rtn", bits=8, group_size=-1, symmetric=True),
+    "w4g128": dict(method="rtn", bits=4, group_size=128),
+    "w4g64": dict(method="rtn", bits=4, group_size=64),
+    "w3g128": dict(method="rtn", bits=3, group_size=128),
+    "w2g64": dict(method="rtn", bits=2, group_size=64),
+}
