@@ -24,6 +24,12 @@ def cache_dir() -> Path:
     return root
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -42,6 +48,7 @@ def atomic_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path]
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())                  # mkdtemp makes 0700; use the usual permissions
     try:
         yield tmp
         if target.exists():
@@ -66,6 +73,7 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())                  # mkstemp makes 0600; use the usual permissions
     try:
         yield tmp
         os.replace(tmp, target)

@@ -71,6 +71,7 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, report: QuantizeR
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(state, tmp / TENSOR_FILE, metadata={"format": "pt", "producer": "lowbit"})
+        os.chmod(tmp / TENSOR_FILE, 0o644)
         fp = footprint(model)
         meta = {
             "format_version": FORMAT_VERSION,

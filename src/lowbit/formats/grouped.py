@@ -123,12 +123,18 @@ def expand_groups(per_group: Tensor, spec: QuantSpec, in_features: int) -> Tenso
 
 
 def dequantize_codes(q: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
-    """fp32 (out, in) from integer codes (out, in) and fp16 (out, G) scale/zero."""
+    """fp32 (out, in) from integer codes (out, in) and fp16 (out, G) scale/zero, written in place group-wise."""
     out_f, in_f = q.shape
     g = spec.group_width(in_f)
-    n_groups = scale.shape[1]
-    if n_groups * g == in_f:                                                   # groups tile the row
-        qg = q.view(out_f, n_groups, g).float()                                # (out, G, g)
-        w = (qg - zero.float()[..., None]) * scale.float()[..., None]
-        return w.view(out_f, in_f)
-    return (q.float() - expand_groups(zero.float(), spec, in_f)) * expand_groups(scale.float(), spec, in_f)
+    full = in_f // g                                                  # groups of full width
+    scale, zero = scale.float(), zero.float()
+    w = torch.empty(out_f, in_f)
+    if full:
+        wv = w[:, : full * g].unflatten(1, (full, g))                 # (out, full, g) view into w
+        torch.sub(q[:, : full * g].unflatten(1, (full, g)), zero[:, :full, None], out=wv)
+        wv.mul_(scale[:, :full, None])
+    if full * g < in_f:                                               # the shorter last group
+        tail = w[:, full * g:]
+        torch.sub(q[:, full * g:], zero[:, full:], out=tail)
+        tail.mul_(scale[:, full:])
+    return w

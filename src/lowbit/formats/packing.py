@@ -50,15 +50,20 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
 
 def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
     """uint8 (rows, ceil(cols*bits/8))  ->  uint8 codes (rows, cols)."""
-    rows = packed.shape[0]
+    rows, nb = packed.shape
     if bits == 8:
         return packed[:, :cols]
+    if 8 % bits == 0:                                                 # 2, 4: whole codes per byte
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (rows, bytes, per)
+        return codes.view(rows, -1)[:, :cols]
     per, nbytes = _chunk(bits)
-    n_chunks = -(-cols // per)
+    n_chunks = -(-nb // nbytes)
     b = torch.zeros(rows, n_chunks * nbytes, dtype=torch.int32)
-    b[:, : packed.shape[1]] = packed.to(torch.int32)
+    b[:, :nb] = packed
     b = b.view(rows, n_chunks, nbytes)
-    word = (b << (torch.arange(nbytes, dtype=torch.int32) * 8)).sum(-1, dtype=torch.int32)  # (rows, chunks)
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    codes = (word[..., None] >> shifts) & ((1 << bits) - 1)                                  # (rows, chunks, per)
-    return codes.view(rows, n_chunks * per)[:, :cols].to(torch.uint8)
+    word = b[..., 0]
+    for j in range(1, nbytes):
+        word = word | (b[..., j] << (8 * j))                         # (rows, chunks)
+    codes = (word.unsqueeze(-1) >> (torch.arange(per, dtype=torch.int32) * bits)) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).view(rows, -1)[:, :cols]
