@@ -15,9 +15,11 @@ from lowbit.evaluate import evaluate_quality
 
 pytestmark = pytest.mark.slow
 
-# Measured on wiki, 8 windows x 512 tokens: fp32 ~ 19.6, w4g128 RTN ~ 1.3x that (see benchmarks/results/spine.md
-# for the 64-window figures). The bound leaves room for platform differences, not for a broken quantizer.
-W4_PPL_RATIO_BOUND = 1.6
+# Measured on wiki, 8 windows x 512 tokens (torch 2.13 CPU): fp32 28.76, w4g128 RTN 44.16 (ratio 1.535),
+# KL 0.461, top-1 0.637; benchmarks/results/spine.md has the 64-window figures. RTN and the evaluation are
+# deterministic: the bound leaves room for kernel/platform rounding, not for a broken quantizer
+# (w3g128 RTN is ~18x fp32, a packing or layout bug is far worse still).
+W4_PPL_RATIO_BOUND = 1.65
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def test_w4g128_perplexity_close_to_fp32(fp32, w4):
     res = evaluate_quality({"fp32": fp32.model, "w4g128": model}, ids, reference=fp32.model, progress=False)
     ratio = res["w4g128"].perplexity / res["fp32"].perplexity
     assert 1.0 < ratio < W4_PPL_RATIO_BOUND, (res["fp32"].perplexity, res["w4g128"].perplexity)
-    assert 0 < res["w4g128"].kl_mean < 0.5 and res["w4g128"].top1_agreement > 0.6
+    assert 0 < res["w4g128"].kl_mean < 0.55 and res["w4g128"].top1_agreement > 0.6
 
 
 def test_checkpoint_bytes_match_reported_bits(w4):
@@ -60,11 +62,11 @@ def test_reload_in_a_new_process_and_generate(w4):
         "import sys, lowbit, transformers\n"
         "m = lowbit.load(sys.argv[1]); t = transformers.AutoTokenizer.from_pretrained(sys.argv[1])\n"
         "out = m.generate(**t('The capital of France is', return_tensors='pt'), max_new_tokens=8, do_sample=False)\n"
-        "print(t.decode(out[0]))\n"
+        "import json; print(json.dumps(t.decode(out[0])))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    text = proc.stdout.strip().splitlines()[-1]
+    text = json.loads(proc.stdout.strip().splitlines()[-1])
     assert text.startswith("The capital of France is") and len(text) > len("The capital of France is") + 3
     ids = q.tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():

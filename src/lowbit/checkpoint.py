@@ -32,7 +32,6 @@ import lowbit
 from lowbit.cache import atomic_dir, sha256_file
 from lowbit.errors import CheckpointError
 from lowbit.models.adapters import get_adapter
-from lowbit.modules import footprint
 from lowbit.pipeline import QuantizeReport
 
 FORMAT_VERSION = 1
@@ -72,7 +71,6 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, report: QuantizeR
             tokenizer.save_pretrained(tmp)
         save_file(state, tmp / TENSOR_FILE, metadata={"format": "pt", "producer": "lowbit"})
         os.chmod(tmp / TENSOR_FILE, 0o644)
-        fp = footprint(model)
         meta = {
             "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -88,7 +86,8 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, report: QuantizeR
                 "quantized_weights": report.weights,
                 "quantized_bytes": report.nbytes,
                 "bits_per_weight": report.bits_per_weight,
-                "total_tensor_bytes": fp.total_bytes,
+                # every tensor in the file: quantized layers + what stays full precision (tied stored once)
+                "total_tensor_bytes": sum(t.numel() * t.element_size() for t in state.values()),
             },
             "tied": tied,
             "files": {TENSOR_FILE: {"sha256": sha256_file(tmp / TENSOR_FILE),
