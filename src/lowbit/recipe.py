@@ -52,6 +52,19 @@ class CalibrationSpec:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise RecipeError(f"calibration.seed={self.seed!r} must be an integer")
 
+    @classmethod
+    def coerce(cls, value: "CalibrationSpec | Mapping[str, Any]") -> "CalibrationSpec":
+        """A CalibrationSpec from itself or a mapping of its keys (unknown keys are an error)."""
+        if isinstance(value, CalibrationSpec):
+            return value
+        if not isinstance(value, Mapping):
+            raise RecipeError(f"calibration must be a mapping such as {{corpus: owt, windows: 128}}, got {value!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(value) - known:
+            raise RecipeError(f"unknown calibration key(s) {', '.join(sorted(set(value) - known))}; "
+                              f"known: {', '.join(sorted(known))}")
+        return cls(**value)
+
 
 def _compile(pattern: str) -> re.Pattern:
     if not isinstance(pattern, str) or not pattern.strip():
@@ -77,6 +90,7 @@ class Recipe:
     calibration: CalibrationSpec = CalibrationSpec()
 
     def __post_init__(self):
+        object.__setattr__(self, "calibration", CalibrationSpec.coerce(self.calibration))
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "ignore", tuple(self.ignore))
         self.spec                                                      # validates bits/group/symmetric
@@ -114,15 +128,6 @@ class Recipe:
         data = dict(data)
         if name is not None:
             data.setdefault("name", name)
-        cal = data.get("calibration", {})
-        if not isinstance(cal, (Mapping, CalibrationSpec)):
-            raise RecipeError(f"calibration must be a mapping such as {{corpus: owt, windows: 128}}, got {cal!r}")
-        if isinstance(cal, Mapping):
-            cal_known = {f.name for f in dataclasses.fields(CalibrationSpec)}
-            if set(cal) - cal_known:
-                raise RecipeError(f"unknown calibration key(s) {', '.join(sorted(set(cal) - cal_known))}; "
-                                  f"known: {', '.join(sorted(cal_known))}")
-            data["calibration"] = CalibrationSpec(**cal)
         for k in ("targets", "ignore"):
             if isinstance(data.get(k), str):
                 data[k] = [data[k]]

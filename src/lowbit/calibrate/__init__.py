@@ -50,7 +50,7 @@ class Hessian(Statistic):
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64)
 
     def update(self, x):
-        self.xtx += x.double().t() @ x.double()
+        self.xtx += (x.t() @ x).double()            # fp32 product per batch, fp64 running sum
         self.n += x.shape[0]
 
     def result(self):
@@ -80,22 +80,34 @@ def check_needs(needs: frozenset[str]) -> None:
 
 @contextmanager
 def collecting(modules: dict[str, nn.Module], needs: frozenset[str]) -> Iterator[dict[str, dict[str, Statistic]]]:
-    """Hook ``modules`` (Linear/Conv1D by name) while the caller runs forward passes; yields the accumulators."""
+    """Hook ``modules`` (Linear/Conv1D by name) while the caller runs forward passes; yields the accumulators.
+
+    Layers fed the very same input tensor (q/k/v, gate/up) share one set of accumulators, found
+    on the first forward pass, so each distinct input is accumulated once.
+    """
     check_needs(needs)
     acc: dict[str, dict[str, Statistic]] = {}
+    last: list = [None, None]                     # [input tensor seen last, the name that owns its stats]
     handles = []
     for name, mod in modules.items():
         in_f = mod.weight.shape[0] if isinstance(mod, Conv1D) else mod.weight.shape[1]
-        acc[name] = {s: STATS[s](in_f) for s in needs}
 
-        def hook(_mod, args, _out, stats=acc[name]):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()      # (rows, in)
+        def hook(_mod, args, _out, name=name, in_f=in_f):
+            x = args[0]
+            if last[0] is x and last[1] != name:
+                if name not in acc:                                      # same input as the previous layer
+                    acc[name] = acc[last[1]]
+                return
+            last[0], last[1] = x, name
+            stats = acc.setdefault(name, {s: STATS[s](in_f) for s in needs})
+            rows = x.detach().reshape(-1, x.shape[-1]).float()             # (rows, in)
             for st in stats.values():
-                st.update(x)
+                st.update(rows)
 
         handles.append(mod.register_forward_hook(hook))
     try:
         yield acc
     finally:
+        last[0] = None
         for h in handles:
             h.remove()

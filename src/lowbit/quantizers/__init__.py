@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lowbit.errors import RecipeError
 from lowbit.formats import QuantSpec, WeightFormat
+from lowbit.quantizers.gptq import gptq
 from lowbit.quantizers.rtn import minmax_qparams, round_to_grid, rtn, rtn_clip
 
 QuantizeFn = Callable[[Tensor, Mapping[str, Tensor], QuantSpec, Mapping[str, Any]], WeightFormat]
@@ -63,4 +64,12 @@ register(Method(
     doc="round to nearest, each group's range shrunk by the ratio that minimises weight error",
 ))
 
-__all__ = ["METHODS", "Method", "get_method", "register", "minmax_qparams", "round_to_grid", "rtn", "rtn_clip"]
+register(Method(
+    "gptq",
+    lambda w, stats, spec, opts: gptq(w, stats["hessian"], spec, opts["damp"], opts["block"], opts["act_order"]),
+    needs=frozenset({"hessian"}),
+    options={"damp": 0.01, "block": 128, "act_order": True},
+    doc="GPTQ: column-by-column rounding with inverse-Hessian error feedback; act-order with static groups",
+))
+
+__all__ = ["gptq", "METHODS", "Method", "get_method", "register", "minmax_qparams", "round_to_grid", "rtn", "rtn_clip"]

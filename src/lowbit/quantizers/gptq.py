@@ -1,0 +1,101 @@
+"""GPTQ (Frantar et al., 2022): quantize columns one at a time, pushing each column's rounding
+error onto the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
+
+    H = 2/n Σ xᵀx  (+ λ·mean(diag H)·I)          the layer's input second moment, damped
+    U = chol(H⁻¹)ᵀ (upper)                        rows of U carry the error-propagation weights
+    for each column j (in processing order):
+        q_j   = round(w_j / s + z)  clamped        (group parameters of column j's group)
+        e_j   = (w_j - dq(q_j)) / U[j, j]
+        w_k  -= e_j · U[j, k]      for k after j   (lazily, a block of 128 columns at a time)
+
+Act-order processes columns by descending ``diag(H)`` with static groups: the group parameters
+are fitted on the natural column groups before the pass, so codes, scales and zeros stay in
+natural order and no permutation is stored (it costs zero bits). Without act-order the
+parameters of a group are fitted when its first column is reached, on the already-updated weights.
+Dead input channels (``H[i, i] == 0``: the input is always zero) get ``H[i, i] = 1`` and weight 0.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from lowbit.formats import GroupedInt, QuantSpec
+from lowbit.quantizers.rtn import minmax_qparams
+
+log = logging.getLogger("lowbit.gptq")
+
+
+def damped_inverse_cholesky(h: Tensor, damp: float, name: str = "") -> Tensor:
+    """Upper Cholesky factor of ``(H + λ I)⁻¹``; λ starts at ``damp · mean(diag H)`` and grows ×10 until it factors."""
+    mean_diag = h.diagonal().mean().item()
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for attempt in range(8):
+        lam = (damp if attempt == 0 else max(damp, 1e-5) * 10 ** attempt) * mean_diag
+        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if info.item() == 0:
+            if attempt:
+                log.warning("%sHessian not positive definite at damping %.3g; raised to %.3g of mean diag",
+                            f"{name}: " if name else "", damp, lam / mean_diag)
+            inv = torch.cholesky_inverse(chol)
+            return torch.linalg.cholesky(inv, upper=True)
+    raise ValueError(f"{name + ': ' if name else ''}Hessian cannot be factored even with damping {lam / mean_diag:g}")
+
+
+def gptq(weight: Tensor, hessian: Tensor, spec: QuantSpec, damp: float = 0.01, block: int = 128,
+         act_order: bool = True, name: str = "") -> GroupedInt:
+    """GPTQ of ``weight`` (out, in) given the input Hessian (in, in)."""
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    out_f, in_f = w.shape
+    gw = spec.group_width(in_f)
+
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    fixed = act_order or gw == in_f              # static groups (act-order), or one group per row
+    scale, zero = minmax_qparams(w, spec)        # fitted now if fixed, else refitted as each group is reached
+
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_f)
+    w, h = w[:, perm], h[perm][:, perm]
+    u = damped_inverse_cholesky(h, damp, name)                              # (in, in) upper
+    group_of = perm // gw                                                   # natural group of each processed column
+    q = torch.empty(out_f, in_f, dtype=torch.uint8)
+    s32, z32 = scale.float(), zero.float()
+
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        wb = w[:, i1:i2].clone()                                            # (out, b)
+        err = torch.empty_like(wb)
+        ub = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = group_of[col].item()
+            if not fixed and gw != in_f and perm[col].item() % gw == 0:     # first column of its group
+                sg, zg = minmax_qparams(_natural_group(w, wb, i1, i, gw, in_f), spec)
+                scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
+                s32[:, g], z32[:, g] = sg[:, 0].float(), zg[:, 0].float()
+            s, z = s32[:, g], z32[:, g]
+            qc = torch.round(wb[:, i] / s + z).clamp_(0, spec.maxq)
+            q[:, col] = qc.to(torch.uint8)
+            e = (wb[:, i] - (qc - z) * s) / ub[i, i]
+            wb[:, i:] -= e[:, None] * ub[i, i:][None, :]
+            err[:, i] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+
+    codes = torch.empty_like(q)
+    codes[:, perm] = q                                                      # back to natural column order
+    return GroupedInt.pack(codes, scale, None if spec.symmetric else zero, spec)
+
+
+def _natural_group(w: Tensor, wb: Tensor, i1: int, i: int, gw: int, in_f: int) -> Tensor:
+    """The current (error-updated) weights of the group starting at column ``i1 + i`` (natural order)."""
+    width = min(gw, in_f - (i1 + i))
+    in_block = min(width, wb.shape[1] - i)
+    cols = [wb[:, i:i + in_block]]
+    if width > in_block:
+        cols.append(w[:, i1 + i + in_block:i1 + i + width])
+    return torch.cat(cols, dim=1)
