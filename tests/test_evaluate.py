@@ -217,10 +217,10 @@ def test_decode_speed_generates_exactly_new_tokens(monkeypatch):
     assert json.loads(json.dumps(res.to_dict())) == res.to_dict()
 
 
-def test_decode_speed_refuses_unmeasurable_decode_time(monkeypatch):
+def test_decode_speed_counts_whole_generate_when_prefill_is_not_shorter(monkeypatch):
     monkeypatch.setattr(speed, "_timed", lambda fn, device: (0.5, fn()))
-    with pytest.raises(LowbitError, match="raise new_tokens"):
-        decode_speed(tiny_llama(), char_tokenizer(), new_tokens=2, repeats=1)
+    res = decode_speed(tiny_llama(), char_tokenizer(), new_tokens=2, repeats=1)
+    assert res.decode_tokens_per_s == pytest.approx(2 / 0.5)          # never faster than measured
 
 
 def test_ratio():

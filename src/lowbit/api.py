@@ -13,8 +13,11 @@ from torch import nn
 from lowbit import checkpoint
 from lowbit.data import calibration_windows, load_text
 from lowbit.errors import LowbitError
-from lowbit.models import LoadedModel, SourceInfo
+from lowbit.models import LoadedModel, SourceInfo, resolve_source
 from lowbit.models import load_model as _load_source
+from lowbit.models.adapters import get_adapter
+from lowbit.models.lazy import LazyWeights
+from lowbit.offload import Offload
 from lowbit.pipeline import QuantizeReport, quantize_model
 from lowbit.recipe import Recipe
 
@@ -39,21 +42,47 @@ def load(path: str | os.PathLike) -> transformers.PreTrainedModel:
 
 @dataclass
 class Quantized:
-    """A model quantized in memory, with what is needed to save it."""
+    """A quantized model, with what is needed to save it.
+
+    After an offloaded run (``offload_dir``) the blocks live in the offload directory, not in
+    ``model``: save it, then :func:`load` the checkpoint to run it.
+    """
 
     model: nn.Module
     tokenizer: object
     report: QuantizeReport
     source: dict
+    offload: Offload | None = None
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
-        return checkpoint.save(self.model, self.tokenizer, path, self.report, self.source, force=force)
+        out = checkpoint.save(self.model, self.tokenizer, path, self.report, self.source, force=force,
+                              offload=self.offload)
+        if self.offload is not None:
+            self.offload.clear()                       # the checkpoint now holds every block
+        return out
 
 
-def quantize(model: str | os.PathLike | LoadedModel, recipe: str | Recipe = "w4g128", progress: bool = True) -> Quantized:
-    """Quantize a model (a source spec or a :class:`LoadedModel`) following a recipe (preset name, file or Recipe)."""
+def quantize(model: str | os.PathLike | LoadedModel, recipe: str | Recipe = "w4g128", progress: bool = True,
+             offload_dir: str | os.PathLike | None = None) -> Quantized:
+    """Quantize a model (a source spec or a :class:`LoadedModel`) following a recipe (preset name, file or Recipe).
+
+    ``offload_dir``: record each finished block there, so that the same call after an
+    interruption resumes where it stopped; a model given by a built-in name or a safetensors
+    directory is then also read block by block from disk (memory: about one block plus the
+    calibration activations).
+    """
     recipe = Recipe.resolve(recipe)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    offload = Offload(offload_dir) if offload_dir is not None else None
+    lazy = None
+    if isinstance(model, LoadedModel):
+        loaded = model
+    elif offload is not None and not checkpoint.is_checkpoint(model) and resolve_source(str(model)).kind != "gguf":
+        source = resolve_source(str(model))
+        config = transformers.AutoConfig.from_pretrained(source.path)
+        lazy = LazyWeights.open(source.path, keep_on_meta=(get_adapter(config.model_type).blocks_path,))
+        loaded = LoadedModel(lazy.model, transformers.AutoTokenizer.from_pretrained(source.path), source)
+    else:
+        loaded = load_model(model)
     if loaded.source.kind == "lowbit":
         raise LowbitError(f"{loaded.source.spec} is already quantized; quantize the original model instead")
     windows, calib = None, None
@@ -62,9 +91,10 @@ def quantize(model: str | os.PathLike | LoadedModel, recipe: str | Recipe = "w4g
         text, info = load_text(cal.corpus)
         windows = calibration_windows(loaded.tokenizer, text, cal.seqlen, cal.windows, cal.seed)
         calib = {"corpus": info.to_dict(), "windows": cal.windows, "seqlen": cal.seqlen, "seed": cal.seed}
-    report = quantize_model(loaded.model, recipe, windows, progress=progress)
+    report = quantize_model(loaded.model, recipe, windows, progress=progress, offload=offload, lazy=lazy,
+                            source_fingerprint=loaded.source.sha256)
     report.calibration = calib
-    return Quantized(loaded.model, loaded.tokenizer, report, loaded.source.to_dict())
+    return Quantized(loaded.model, loaded.tokenizer, report, loaded.source.to_dict(), offload)
 
 
 def save(quantized: Quantized, path: str | os.PathLike, force: bool = False) -> Path:

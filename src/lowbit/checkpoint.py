@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import lowbit
 from lowbit.cache import atomic_dir, sha256_file
 from lowbit.errors import CheckpointError
 from lowbit.models.adapters import get_adapter
+from lowbit.offload import Offload
 from lowbit.pipeline import QuantizeReport
 
 FORMAT_VERSION = 1
@@ -57,12 +59,21 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def save(model: nn.Module, tokenizer, path: str | os.PathLike, report: QuantizeReport,
-         source: dict | None = None, force: bool = False) -> Path:
-    """Write a quantized model to ``path`` atomically; refuse to overwrite unless ``force``."""
+         source: dict | None = None, force: bool = False, offload: Offload | None = None) -> Path:
+    """Write a quantized model to ``path`` atomically; refuse to overwrite unless ``force``.
+
+    With ``offload`` (a run that recorded its blocks there) the blocks' tensors are taken from
+    its block files, stored as ``blocks/block-NNNN.safetensors``, and ``model.safetensors``
+    holds the rest (embeddings, final norm, head).
+    """
     path = Path(path)
     if path.exists() and not force:
         raise CheckpointError(f"{path} already exists; choose another output or pass --force to overwrite it")
     state, tied = _unique_state(model)
+    if offload is not None:
+        blocks_path = get_adapter(model).blocks_path + "."
+        state = {k: v for k, v in state.items() if not k.startswith(blocks_path)}
+        tied = {k: v for k, v in tied.items() if not k.startswith(blocks_path)}
     with atomic_dir(path, force=force) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -71,6 +82,12 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, report: QuantizeR
             tokenizer.save_pretrained(tmp)
         save_file(state, tmp / TENSOR_FILE, metadata={"format": "pt", "producer": "lowbit"})
         os.chmod(tmp / TENSOR_FILE, 0o644)
+        files = [TENSOR_FILE]
+        if offload is not None:
+            (tmp / "blocks").mkdir()
+            for f in offload.files():
+                shutil.copyfile(f, tmp / "blocks" / f.name)
+                files.append(f"blocks/{f.name}")
         meta = {
             "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -87,15 +104,21 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, report: QuantizeR
                 "quantized_bytes": report.nbytes,
                 "bits_per_weight": report.bits_per_weight,
                 # every tensor in the file: quantized layers + what stays full precision (tied stored once)
-                "total_tensor_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+                "total_tensor_bytes": sum(_tensor_bytes(tmp / f) for f in files),
             },
             "tied": tied,
-            "files": {TENSOR_FILE: {"sha256": sha256_file(tmp / TENSOR_FILE),
-                                    "bytes": (tmp / TENSOR_FILE).stat().st_size}},
+            "files": {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
             "layers": {name: rec.to_dict() for name, rec in report.layers.items()},
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return path
+
+
+def _tensor_bytes(f: Path) -> int:
+    """Bytes of tensor data in a safetensors file (its size minus the 8-byte length and the JSON header)."""
+    with open(f, "rb") as h:
+        header = int.from_bytes(h.read(8), "little")
+    return f.stat().st_size - 8 - header
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -144,10 +167,12 @@ def load(path: str | os.PathLike, verify_checksums: bool = True) -> transformers
         prefix = f"{block_name}."
         layers = {n[len(prefix):]: rec for n, rec in meta["layers"].items() if n.startswith(prefix)}
         adapter.install_empty(block, layers)
-    try:
-        state = load_file(path / TENSOR_FILE)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path / TENSOR_FILE} cannot be read ({e}); re-run `lowbit quantize`") from None
+    state = {}
+    for name in meta["files"]:
+        try:
+            state.update(load_file(path / name))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path / name} cannot be read ({e}); re-run `lowbit quantize`") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:

@@ -52,8 +52,11 @@ def fetch(names: tuple[str, ...]) -> None:
               help="Preset (w8, w4g128, w4g64, w3g128, w2g64) or a YAML/JSON recipe file")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Checkpoint directory to write")
 @click.option("--force", is_flag=True, help="Replace an existing output directory")
+@click.option("--offload-dir", type=click.Path(path_type=Path),
+              help="Record each finished block here: rerunning the same command resumes after the last one, "
+                   "and a safetensors model is read block by block (memory: about one block)")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar per block")
-def quantize(source: str, recipe: str, output: Path, force: bool, progress: bool) -> None:
+def quantize(source: str, recipe: str, output: Path, force: bool, offload_dir: Path | None, progress: bool) -> None:
     """Quantize SOURCE (a built-in name, a Hugging Face model directory or a .gguf file) into a packed
     checkpoint, written under a temporary name and renamed when complete."""
     import lowbit
@@ -61,7 +64,7 @@ def quantize(source: str, recipe: str, output: Path, force: bool, progress: bool
     rec = lowbit.Recipe.resolve(recipe)                      # fail on a bad recipe before loading anything
     if output.exists() and not force:
         raise CheckpointError(f"{output} already exists; choose another output or pass --force to overwrite it")
-    q = lowbit.quantize(source, rec, progress=progress)
+    q = lowbit.quantize(source, rec, progress=progress, offload_dir=offload_dir)
     path = q.save(output, force=force)
     r = q.report
     echo(f"wrote {path}: {len(r.layers)} layers, {r.bits_per_weight:.3f} bits/weight, "
@@ -124,6 +127,7 @@ def info(path: Path, layers: bool, as_json: bool, verify: bool) -> None:
         echo(f"\n{'layer':<48} {'shape':>12} {'bits':>4} {'group':>5} {'bytes':>10} {'bits/w':>7}")
         for name, r in meta["layers"].items():
             f = r["format"]
+            f = {**f.get("base", f), "shape": f["shape"]}                 # outlier formats wrap a base
             echo(f"{name:<48} {'x'.join(map(str, f['shape'])):>12} {f['bits']:>4} {f['group_size']:>5} "
                  f"{r['nbytes']:>10,} {r['bits_per_weight']:>7.3f}")
 
@@ -136,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()              # "Loading weights" bars for sub-second loads
+    except ImportError:
+        pass
     try:
         app.main(args=argv, prog_name="lowbit", standalone_mode=False)
     except LowbitError as e:

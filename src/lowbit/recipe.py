@@ -10,6 +10,9 @@ A recipe in YAML (or the same keys in JSON)::
     targets: ["*"]            # module-name patterns to quantize
     ignore: ["*.mlp.down_proj", "re:.*layers\\.0\\..*"]
     calibration: {corpus: owt, windows: 128, seqlen: 512, seed: 0}
+    outliers: 0.005           # fraction in [0, 0.1] of each layer's weights kept exactly in fp16
+                              # (most salient: w²/diag(H⁻¹)² if the method collects a Hessian, else |w|),
+                              # stored sparse; their values and indices count in bits per weight
 
 Patterns match full module names such as ``model.layers.3.self_attn.q_proj``: shell globs
 (``fnmatch``), or regular expressions after ``re:`` (``re.fullmatch``). Only linear layers inside
@@ -88,8 +91,14 @@ class Recipe:
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
     calibration: CalibrationSpec = CalibrationSpec()
+    outliers: float = 0.0                      # fraction kept in fp16, see lowbit.quantizers.outliers
 
     def __post_init__(self):
+        if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) \
+                or not 0.0 <= self.outliers <= 0.1:
+            raise RecipeError(f"outliers={self.outliers!r} must be a fraction in [0, 0.1] "
+                              "(e.g. 0.005 keeps 0.5 % of each layer's weights in fp16); 0 turns it off")
+        object.__setattr__(self, "outliers", float(self.outliers))
         object.__setattr__(self, "calibration", CalibrationSpec.coerce(self.calibration))
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "ignore", tuple(self.ignore))

@@ -12,6 +12,7 @@ EOS so every run decodes the same number of tokens.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +23,8 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.evaluate._torch import device_of, eval_mode
+
+log = logging.getLogger("lowbit.evaluate")
 
 DEFAULT_PROMPT = "The history of the printing press begins in the fifteenth century, when"
 
@@ -83,10 +86,13 @@ def decode_speed(
                           "check the model's generation_config (stop strings, max_length)")
     prefill_s = statistics.median(prefill)
     generate_s = [s for s, _ in runs]
-    decode_s = [g - prefill_s for g in generate_s]
-    if min(decode_s) <= 0:
-        raise LowbitError(f"a generate call ({min(generate_s):.4f} s) was no slower than the prefill "
-                          f"({prefill_s:.4f} s), so decode time is not measurable; raise new_tokens")
+    # decode time = generate - prefill; where a noisy prefill outlasts a whole generate (tiny models,
+    # a busy machine) that difference means nothing, and the run counts its whole generate time:
+    # never a faster figure than measured
+    decode_s = [g - prefill_s if g > prefill_s else g for g in generate_s]
+    if any(g <= prefill_s for g in generate_s):
+        log.warning("decode time not separable from prefill (%.4f s) in a generate call of %.4f s; "
+                    "counting the whole call", prefill_s, min(generate_s))
     text = tokenizer.decode(runs[0][1][0, prompt_tokens:], skip_special_tokens=True)
     return SpeedResult(
         decode_tokens_per_s=statistics.median([new_tokens / d for d in decode_s]),

@@ -72,9 +72,9 @@ class QuantLinear(nn.Module):
         return self.fmt.nbytes()
 
     def extra_repr(self) -> str:
-        m = self.meta
+        m = self.meta.get("base", self.meta)
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{m['kind']} bits={m.get('bits')} group_size={m.get('group_size')} symmetric={m.get('symmetric')}")
+                f"{self.meta['kind']} bits={m.get('bits')} group_size={m.get('group_size')} symmetric={m.get('symmetric')}")
 
 
 class QuantExperts(nn.Module):

@@ -15,6 +15,7 @@ from torch import Tensor
 from lowbit.errors import RecipeError
 from lowbit.formats import QuantSpec, WeightFormat
 from lowbit.quantizers.gptq import gptq
+from lowbit.quantizers.hqq import hqq
 from lowbit.quantizers.rtn import minmax_qparams, round_to_grid, rtn, rtn_clip
 
 QuantizeFn = Callable[[Tensor, Mapping[str, Tensor], QuantSpec, Mapping[str, Any]], WeightFormat]
@@ -72,4 +73,12 @@ register(Method(
     doc="GPTQ: column-by-column rounding with inverse-Hessian error feedback; act-order with static groups",
 ))
 
-__all__ = ["gptq", "METHODS", "Method", "get_method", "register", "minmax_qparams", "round_to_grid", "rtn", "rtn_clip"]
+register(Method(
+    "hqq",
+    lambda w, stats, spec, opts: hqq(w, spec, **opts),
+    options={"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "opt_scale": False},
+    doc="HQQ-style, data-free: min-max RTN with zeros (opt_scale: also scales) refined by half-quadratic l_p fitting",
+))
+
+__all__ = ["gptq", "hqq", "METHODS", "Method", "get_method", "register", "minmax_qparams", "round_to_grid", "rtn",
+           "rtn_clip"]
