@@ -15,6 +15,9 @@ DOCUMENTED = {
     "w4g64": QuantSpec(4, 64, False),
     "w3g128": QuantSpec(3, 128, False),
     "w2g64": QuantSpec(2, 64, False),
+    "gptq-w4g128": QuantSpec(4, 128, False),
+    "gptq-w3g128": QuantSpec(3, 128, False),
+    "gptq-w2g64": QuantSpec(2, 64, False),
 }
 
 
@@ -32,8 +35,12 @@ def test_preset_builds_with_documented_spec(name):
     assert r.spec == DOCUMENTED[name]
     assert (r.bits, r.group_size, r.symmetric) == (DOCUMENTED[name].bits, DOCUMENTED[name].group_size,
                                                    DOCUMENTED[name].symmetric)
-    assert r.method == "rtn" and r.options == {}
-    assert not r.needs_calibration
+    if name.startswith("gptq-"):
+        assert r.method == "gptq" and r.needs_calibration
+        assert (r.calibration.windows, r.calibration.seqlen, r.calibration.corpus) == (128, 512, "owt")
+    else:
+        assert r.method == "rtn" and r.options == {}
+        assert not r.needs_calibration
     assert Recipe.resolve(name) == r
 
 

@@ -184,4 +184,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w4g64": dict(method="rtn", bits=4, group_size=64),
     "w3g128": dict(method="rtn", bits=3, group_size=128),
     "w2g64": dict(method="rtn", bits=2, group_size=64),
+    # GPTQ (act-order, static groups, 1 % damping) on 128 x 512 owt calibration windows
+    "gptq-w4g128": dict(method="gptq", bits=4, group_size=128),
+    "gptq-w3g128": dict(method="gptq", bits=3, group_size=128),
+    "gptq-w2g64": dict(method="gptq", bits=2, group_size=64),
 }
