@@ -10,3 +10,5 @@ from lowbit.data.corpora import (
     load_text,
 )
 from lowbit.data.windows import calibration_windows, eval_windows, token_ids
+
+__all__ = ["BUILTIN_CORPORA", "DEFAULT_CALIBRATION", "DEFAULT_EVALUATION", "BuiltinCorpus", "CorpusInfo", "fetch_corpus", "load_text", "calibration_windows", "eval_windows", "token_ids"]

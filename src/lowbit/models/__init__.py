@@ -10,3 +10,5 @@ from lowbit.models.sources import (
     load_model,
     resolve_source,
 )
+
+__all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "BuiltinModel", "LoadedModel", "SourceInfo", "fetch_model", "load_model", "resolve_source"]
