@@ -96,15 +96,25 @@ sys.exit(code)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="w4g128")
+    ap.add_argument("--recipe", default="w4g128", help="preset name")
+    ap.add_argument("--windows", type=int, help="calibration windows (x 512 tokens) for methods that need them")
     ap.add_argument("--work", type=Path, default=HERE / ".work")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "offload_demo.json")
     args = ap.parse_args(argv)
     model = args.work / "llama-1.5b-random"
     write_random_llama(model)
-    ckpt, off = args.work / f"llama-1.5b-{args.recipe}", args.work / f"offload-{args.recipe}"
+    recipe = args.recipe
+    if args.windows:                                   # a preset with fewer calibration windows
+        import lowbit
+
+        d = lowbit.Recipe.preset(args.recipe).to_dict()
+        d["calibration"]["windows"] = args.windows
+        recipe = str(args.work / f"{args.recipe}-{args.windows}w.json")
+        Path(recipe).write_text(json.dumps(d))
+    tag = Path(recipe).stem
+    ckpt, off = args.work / f"llama-1.5b-{tag}", args.work / f"offload-{tag}"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, "quantize", str(model), "-r", args.recipe, "-o", str(ckpt),
+    proc = subprocess.run([sys.executable, "-c", CHILD, "quantize", str(model), "-r", recipe, "-o", str(ckpt),
                            "--offload-dir", str(off), "--force", "--no-progress"], capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode:
@@ -116,8 +126,11 @@ def main(argv=None) -> int:
         p.stat().st_size for p in model.glob("*.safetensors")), "recipe": args.recipe, "peak_rss_bytes": peak,
         "seconds": round(seconds, 1), "bits_per_weight": meta["summary"]["bits_per_weight"],
         "checkpoint_bytes": sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())}
+    result["recipe"], result["calibration"] = tag, meta["calibration"]          # None for data-free methods
+    done = json.loads(args.out.read_text()) if args.out.exists() else {}
+    done[tag] = result                                 # one entry per recipe run
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps(done, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 
