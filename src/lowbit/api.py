@@ -74,10 +74,11 @@ def quantize(model: str | os.PathLike | LoadedModel, recipe: str | Recipe = "w4g
     recipe = Recipe.resolve(recipe)
     offload = Offload(offload_dir) if offload_dir is not None else None
     lazy = None
+    source = None if isinstance(model, LoadedModel) or offload is None or checkpoint.is_checkpoint(model) \
+        else resolve_source(str(model))
     if isinstance(model, LoadedModel):
         loaded = model
-    elif offload is not None and not checkpoint.is_checkpoint(model) and resolve_source(str(model)).kind != "gguf":
-        source = resolve_source(str(model))
+    elif source is not None and source.kind != "gguf":                  # safetensors on disk: read lazily
         config = transformers.AutoConfig.from_pretrained(source.path)
         lazy = LazyWeights.open(source.path, keep_on_meta=(get_adapter(config.model_type).blocks_path,))
         loaded = LoadedModel(lazy.model, transformers.AutoTokenizer.from_pretrained(source.path), source)
