@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lowbit.errors import CheckpointError
+from lowbit.errors import CheckpointError, ShapeError
 
 FORMATS: dict[str, type["WeightFormat"]] = {}
 
@@ -56,6 +56,15 @@ class WeightFormat(ABC):
     def bits_per_weight(self) -> float:
         out_f, in_f = self.shape
         return 8 * self.nbytes() / (out_f * in_f)
+
+
+def check_tensors(owner, want: dict[str, tuple[tuple[int, ...], torch.dtype]], what: str) -> None:
+    """Every ``owner.<name>`` has the wanted (shape, dtype); else a ShapeError naming ``what``."""
+    for name, (shape, dtype) in want.items():
+        t = getattr(owner, name)
+        if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+            got = None if t is None else f"{t.dtype} {tuple(t.shape)}"
+            raise ShapeError(f"{what}: {name} must be {dtype} {shape}, got {got}")
 
 
 def format_from_tensors(meta: dict, tensors: dict[str, Tensor]) -> WeightFormat:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CheckpointError, RecipeError, ShapeError
-from lowbit.formats.base import WeightFormat
+from lowbit.formats.base import WeightFormat, check_tensors
 from lowbit.formats.packing import pack_codes, packed_row_bytes, unpack_codes
 from lowbit.formats.spec import QuantSpec
 
@@ -51,11 +51,7 @@ class GroupedInt(WeightFormat, kind="grouped_int"):
             want["zero"] = want["scale"]
         elif self.zero is not None:
             raise ShapeError("a symmetric format stores no zero points")
-        for name, (shape, dtype) in want.items():
-            t = getattr(self, name)
-            if t is None or tuple(t.shape) != shape or t.dtype != dtype:
-                got = None if t is None else f"{t.dtype} {tuple(t.shape)}"
-                raise ShapeError(f"grouped_int {self.spec}: {name} must be {dtype} {shape}, got {got}")
+        check_tensors(self, want, f"grouped_int {self.spec}")
 
     # -- construction -----------------------------------------------------------------
     @classmethod

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CheckpointError, ShapeError, WeightValueError
-from lowbit.formats.base import WeightFormat, format_class
+from lowbit.formats.base import WeightFormat, check_tensors, format_class
 
 _PREFIX = "outlier_"
 _INT16_MAX_COLS = 32767            # column indices fit int16 up to this many input features
@@ -62,11 +62,7 @@ class OutlierFormat(WeightFormat, kind="outliers"):
             "col": ((nnz,), col_dtype(in_f)),
             "values": ((nnz,), torch.float16),
         }
-        for name, (shape, dtype) in want.items():
-            t = getattr(self, name)
-            if t is None or tuple(t.shape) != shape or t.dtype != dtype:
-                got = None if t is None else f"{t.dtype} {tuple(t.shape)}"
-                raise ShapeError(f"outliers ({out_f}x{in_f}, nnz={nnz}): {name} must be {dtype} {shape}, got {got}")
+        check_tensors(self, want, f"outliers ({out_f}x{in_f}, nnz={nnz})")
 
     # -- construction -----------------------------------------------------------------
     @classmethod
