@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers as T
@@ -52,6 +54,28 @@ def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
 def tiny_text(n_words: int = 20000, seed: int = 0) -> str:
     g = torch.Generator().manual_seed(seed)
     return " ".join(f"w{i}" for i in torch.randint(3, VOCAB, (n_words,), generator=g).tolist())
+
+
+def assert_save_reload_generate(model, report, ids, path) -> dict:
+    """Save ``model``, reload it: logits bit-exact, it generates, and lowbit.json's bytes are what is stored.
+
+    Returns the checkpoint's ``lowbit.json``.
+    """
+    from lowbit import checkpoint
+    from lowbit.modules import footprint
+
+    with torch.no_grad():
+        out = model(ids).logits
+    path = checkpoint.save(model, tiny_tokenizer(), path, report)
+    loaded = checkpoint.load(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, out)                     # bit-exact round trip
+    gen = loaded.generate(ids[:1, :4], max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert gen.shape == (1, 9)
+    meta = json.loads((path / "lowbit.json").read_text())
+    assert meta["summary"]["quantized_bytes"] == footprint(loaded).quantized_bytes == report.nbytes
+    assert meta["summary"]["bits_per_weight"] == pytest.approx(report.bits_per_weight)
+    return meta
 
 
 @pytest.fixture

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model, tiny_tokenizer
+from conftest import VOCAB, assert_save_reload_generate, tiny_model
 
-from lowbit import checkpoint
 from lowbit.calibrate import Hessian
 from lowbit.formats import QuantSpec
 from lowbit.pipeline import quantize_model
@@ -67,12 +66,7 @@ def test_gptq_recipe_on_tiny_models_saves_and_reloads(tmp_path):
         model = tiny_model(family)
         windows = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
         report = quantize_model(model, Recipe(method="gptq", bits=3, group_size=32), windows, progress=False)
-        ids = windows[:1, :8]
-        path = checkpoint.save(model, tiny_tokenizer(), tmp_path / family, report)
-        loaded = checkpoint.load(path)
-        with torch.no_grad():
-            assert torch.equal(loaded(ids).logits, model(ids).logits)
-        assert loaded.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 11)
+        assert_save_reload_generate(model, report, windows[:2, :8], tmp_path / family)
 
 
 def test_gptq_lowers_model_output_error_against_rtn():

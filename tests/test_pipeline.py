@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 import transformers as T
-from conftest import FAMILIES, VOCAB, tiny_model, tiny_tokenizer
+from conftest import FAMILIES, VOCAB, assert_save_reload_generate, tiny_model, tiny_tokenizer
 
 from lowbit import checkpoint
 from lowbit.calibrate import Hessian
 from lowbit.errors import CheckpointError, RecipeError, UnsupportedArchitectureError, WeightValueError
 from lowbit.models.adapters import ADAPTERS, get_adapter
-from lowbit.modules import QuantExperts, QuantLinear, footprint
+from lowbit.modules import QuantExperts, QuantLinear
 from lowbit.pipeline import capture_block_inputs, quantize_model
 from lowbit.quantizers import METHODS, Method, register, rtn
 from lowbit.recipe import Recipe
@@ -44,16 +44,7 @@ def test_quantize_save_load_generate(family, preset, tmp_path):
         out = model(ids).logits
     rel = ((out - ref).pow(2).mean() / ref.pow(2).mean()).item()
     assert rel < {"w8": 1e-3, "w4g64": 0.1, "w3g128": 0.4, "w2g64": 2.0}[preset]
-    path = checkpoint.save(model, tiny_tokenizer(), tmp_path / "ck", report)
-    loaded = checkpoint.load(path)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, out)                     # bit-exact round trip
-    gen = loaded.generate(ids[:1, :4], max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    assert gen.shape == (1, 9)
-    # honest bytes: lowbit.json's per-layer bytes equal what the tensors hold
-    meta = json.loads((path / "lowbit.json").read_text())
-    assert meta["summary"]["quantized_bytes"] == footprint(loaded).quantized_bytes == report.nbytes
-    assert meta["summary"]["bits_per_weight"] == pytest.approx(report.bits_per_weight)
+    assert_save_reload_generate(model, report, ids, tmp_path / "ck")
 
 
 def test_load_keeps_no_fp32_quantized_weight(tmp_path):

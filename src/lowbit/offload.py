@@ -39,7 +39,6 @@ class Offload:
 
     def __post_init__(self):
         self.dir = Path(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
 
     # -- progress ------------------------------------------------------------------------
     def progress(self) -> dict | None:
@@ -50,6 +49,7 @@ class Offload:
         """Number of blocks already finished by a run with fingerprint ``fp`` (0 for a new run)."""
         prog = self.progress()
         if prog is None:
+            self.dir.mkdir(parents=True, exist_ok=True)   # created when a run starts, not on a bad source
             self._write_progress({"fingerprint": fp, "blocks": []})
             return 0
         if prog["fingerprint"] != fp:
