@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -118,7 +120,8 @@ def test_walk_collects_statistics_from_quantized_previous_blocks():
     try:
         model = tiny_model("llama")
         windows = _ids(4, 16)
-        recipe = Recipe(method="_spy", bits=4, group_size=32, targets=("*.q_proj",))
+        recipe = Recipe(method="_spy", bits=4, group_size=32, targets=("*.q_proj",),
+                        calibration={"dtype": "float32"})           # exact; bf16 is checked below
         quantize_model(model, recipe, windows, progress=False)
         # recompute block 1's q_proj input on the (now fully quantized) model
         adapter = get_adapter(model)
@@ -137,6 +140,12 @@ def test_walk_collects_statistics_from_quantized_previous_blocks():
             hess.update(x.reshape(-1, 64))
         # block 1's q_proj was quantized after block 0: its statistics came from the quantized block 0
         torch.testing.assert_close(seen[1], hess.result(), rtol=1e-4, atol=1e-5)
+        # the default bf16 calibration gives the same statistics to bf16 precision
+        seen.clear()
+        quantize_model(tiny_model("llama"), dataclasses.replace(recipe, calibration={"dtype": "bfloat16"}),
+                       windows, progress=False)
+        rel = (seen[1] - hess.result()).norm() / hess.result().norm()
+        assert 0 < rel < 3e-2
         with pytest.raises(Exception, match="calibration"):
             quantize_model(tiny_model("llama"), recipe, None, progress=False)
     finally:

@@ -223,7 +223,7 @@ def test_registered_methods():
     assert get_method("rtn").needs == frozenset()
     w = weights(8, 64, seed=6)
     spec = QuantSpec(4, 32, False)
-    a, b = get_method("rtn").quantize(w, {}, spec, {}), rtn(w, spec)
+    a, b = get_method("rtn").quantize(w, {}, spec, get_method("rtn").check_options({})), rtn(w, spec)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
     m = get_method("rtn_clip")
     a, b = m.quantize(w, {}, spec, m.check_options({"grid": 7})), rtn_clip(w, spec, 7, 0.5)
@@ -232,15 +232,17 @@ def test_registered_methods():
 
 def test_check_options_defaults_and_overrides():
     m = get_method("rtn_clip")
-    assert m.check_options({}) == {"grid": 20, "min_ratio": 0.5}
-    assert m.check_options({"grid": 5}) == {"grid": 5, "min_ratio": 0.5}
-    assert m.check_options({"min_ratio": 1}) == {"grid": 20, "min_ratio": 1}   # int where float is fine
+    assert m.check_options({}) == {"grid": 20, "min_ratio": 0.5, "objective": "weight"}
+    assert m.check_options({"grid": 5}) == {"grid": 5, "min_ratio": 0.5, "objective": "weight"}
+    assert m.check_options({"min_ratio": 1}) == {"grid": 20, "min_ratio": 1, "objective": "weight"}  # int is fine
     assert get_method("rtn").check_options({}) == {}
 
 
 @pytest.mark.parametrize(("method", "options", "match"), [
     ("rtn_clip", {"grdi": 5}, "grdi"),
     ("rtn", {"grid": 5}, "grid"),
+    ("rtn_clip", {"objective": "none"}, "objective"),
+    ("gptq", {"clip": 1}, "clip"),
     ("rtn_clip", {"grid": 2.5}, "grid"),
     ("rtn_clip", {"grid": "20"}, "grid"),
     ("rtn_clip", {"grid": True}, "grid"),

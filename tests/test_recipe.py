@@ -91,7 +91,7 @@ def test_not_a_mapping():
 
 def test_options_are_merged_with_defaults():
     r = Recipe.from_dict({"method": "rtn_clip", "bits": 3, "options": {"grid": 8}})
-    assert r.options == {"grid": 8, "min_ratio": 0.5}
+    assert r.options == {"grid": 8, "min_ratio": 0.5, "objective": "weight"}
     assert r.spec == QuantSpec(3, 128, False)
 
 

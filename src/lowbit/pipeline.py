@@ -13,6 +13,7 @@ Only one block's activations exist at a time: peak memory is the model plus
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,13 +23,20 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lowbit.calibrate import collecting
+from lowbit.calibrate import (
+    collecting,
+    collecting_experts,
+    empty_statistics,
+    neutral_result,
+)
 from lowbit.errors import LowbitError, RecipeError, WeightValueError
 from lowbit.formats import WeightFormat
 from lowbit.models.adapters import Adapter, get_adapter
 from lowbit.models.lazy import LazyWeights
+from lowbit.models.scaling import fold, scale_groups
 from lowbit.offload import Offload, fingerprint
 from lowbit.quantizers import Method, get_method
+from lowbit.quantizers.awq import awq_search, scaled_stats
 from lowbit.quantizers.outliers import outlier_mask, with_outliers
 from lowbit.recipe import Recipe
 
@@ -115,13 +123,36 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, windows: Tensor, ba
     return captured
 
 
-def run_block(block: nn.Module, inputs: list[BlockInput]) -> list[BlockInput]:
-    """The block's outputs, packaged as the next block's inputs."""
+def _autocast(dtype: torch.dtype):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+
+
+def first_window(inp: BlockInput) -> BlockInput:
+    """The first window of a batch: every tensor whose leading dimension is the batch size is sliced."""
+    b = inp.hidden.shape[0]
+
+    def cut(v):
+        if isinstance(v, Tensor):
+            return v[:1] if v.dim() and v.shape[0] == b else v
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        if isinstance(v, list):
+            return [cut(x) for x in v]
+        if isinstance(v, dict):
+            return {k: cut(x) for k, x in v.items()}
+        return v
+
+    return inp if b == 1 else BlockInput(inp.hidden[:1], cut(inp.args), cut(inp.kwargs))
+
+
+def run_block(block: nn.Module, inputs: list[BlockInput], dtype: torch.dtype = torch.float32) -> list[BlockInput]:
+    """The block's outputs, packaged as the next block's inputs (forward under bf16 autocast if ``dtype`` is bf16)."""
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(dtype):
         for inp in inputs:
             y = block(inp.hidden, *inp.args, **inp.kwargs)
-            out.append(BlockInput(y[0] if isinstance(y, tuple) else y, inp.args, inp.kwargs))
+            y = y[0] if isinstance(y, tuple) else y
+            out.append(BlockInput(y.to(inp.hidden.dtype), inp.args, inp.kwargs))
     return out
 
 
@@ -139,20 +170,21 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
     t0 = time.perf_counter()
     adapter = get_adapter(model)
     method = get_method(recipe.method)
-    if method.needs and calibration is None:
-        raise LowbitError(f"method {method.name!r} needs calibration windows ({', '.join(sorted(method.needs))})")
+    needs = recipe.needs
+    if needs and calibration is None:
+        raise LowbitError(f"recipe {recipe.name!r} needs calibration windows ({', '.join(sorted(needs))})")
     if lazy is not None and offload is None:
         raise LowbitError("quantizing a model lazily from disk needs an offload directory")
     report = QuantizeReport(recipe)
     start = 0
     if offload is not None:
-        calib_hash = None if calibration is None or not method.needs else fingerprint(ids=calibration.tolist())
+        calib_hash = None if calibration is None or not needs else fingerprint(ids=calibration.tolist())
         start = offload.resume_point(fingerprint(recipe=recipe.to_dict(), source=source_fingerprint,
                                                  calibration=calib_hash))
         if start:
             log.info("resuming after block %d from %s", start - 1, offload.dir)
     inputs = None
-    if method.needs:
+    if needs:
         inputs = ([BlockInput(**x) for x in offload.load_inputs()] if start else
                   capture_block_inputs(model, adapter, calibration))
     blocks = adapter.blocks(model)
@@ -171,7 +203,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
         records = quantize_block(block_name, block, adapter, method, recipe, inputs)
         report.layers.update(records)
         if inputs is not None:
-            inputs = run_block(block, inputs)
+            inputs = run_block(block, inputs, recipe.calibration_dtype)
         if offload is not None:
             offload.save_block(i, block_name, block, {n: r.to_dict() for n, r in records.items()}, inputs)
         if lazy is not None:
@@ -186,17 +218,15 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
 
 def quantize_block(block_name: str, block: nn.Module, adapter: Adapter, method: Method, recipe: Recipe,
                    inputs: list[BlockInput] | None) -> dict[str, LayerRecord]:
-    """Collect the statistics ``method`` needs on ``inputs``, quantize the selected layers, swap them in."""
+    """Collect the statistics the recipe needs on ``inputs``, apply block-level stages, quantize the selected
+    layers, swap them in."""
     refs = {rel: ref for rel, ref in adapter.linears(block).items() if recipe.selects(f"{block_name}.{rel}")}
     stats: dict[str, dict[str, Tensor]] = {}
-    if method.needs and refs:
-        dense = {rel: ref.module for rel, ref in refs.items() if ref.param is None}
-        if len(dense) < len(refs):
-            raise LowbitError(f"{block_name}: method {method.name!r} needs statistics, "
-                              "which are not collected for fused MoE experts yet; use rtn or rtn_clip")
-        with collecting(dense, method.needs) as acc:
-            run_block(block, inputs)
-        stats = {rel: {k: s.result() for k, s in st.items()} for rel, st in acc.items()}
+    needs = recipe.needs
+    if needs and refs:
+        stats = collect_statistics(block, adapter, refs, needs, inputs, recipe.calibration_dtype)
+    if recipe.scaling == "awq" and refs:
+        stats = scale_block(block_name, block, adapter, recipe, stats, inputs)
     formats: dict[str, WeightFormat] = {}
     records: dict[str, LayerRecord] = {}
     for rel, ref in refs.items():
@@ -208,6 +238,68 @@ def quantize_block(block_name: str, block: nn.Module, adapter: Adapter, method: 
         records[f"{block_name}.{rel}"] = LayerRecord(fmt.meta(), ref.bias() is not None, w.numel(), fmt.nbytes())
     adapter.install(block, formats)
     return records
+
+
+def collect_statistics(block: nn.Module, adapter: Adapter, refs: dict, needs: frozenset[str],
+                       inputs: list[BlockInput], dtype: torch.dtype) -> dict[str, dict[str, Tensor]]:
+    """One forward pass of ``block`` over ``inputs`` with hooks: the statistics of every layer in ``refs``.
+
+    Layers that saw no input row (routed experts no calibration token reached) get neutral
+    statistics (identity Hessian), so Hessian-based methods treat them as round-to-nearest would,
+    and the log says so."""
+    dense = {rel: ref.module for rel, ref in refs.items() if ref.param is None}
+    with contextlib.ExitStack() as stack:
+        acc = stack.enter_context(collecting(dense, needs, dtype))
+        if len(dense) < len(refs):
+            experts = stack.enter_context(
+                collecting_experts(block.get_submodule(adapter.experts), adapter.experts, needs, dtype))
+        run_block(block, inputs, dtype)
+    if len(dense) < len(refs):
+        acc = {**acc, **{n: st for n, st in experts.items() if n in refs}}
+    stats = {}
+    unseen = []
+    for rel, st in acc.items():
+        stats[rel] = {}
+        for k, s in st.items():
+            if empty_statistics(s):
+                stats[rel][k] = neutral_result(k, refs[rel].weight().shape[1])
+                unseen.append(rel)
+            else:
+                stats[rel][k] = s.result()
+    if unseen:
+        log.info("%d layer(s) saw no calibration row (e.g. %s): neutral statistics used", len(set(unseen)), unseen[0])
+    return stats
+
+
+def scale_block(block_name: str, block: nn.Module, adapter: Adapter, recipe: Recipe,
+                stats: dict[str, dict[str, Tensor]], inputs: list[BlockInput]) -> dict[str, dict[str, Tensor]]:
+    """Activation-aware scaling of every foldable group of ``block`` (:mod:`lowbit.quantizers.awq`).
+
+    For each group (in the family's order) the scale is searched on the stacked weights of the layers
+    reading the shared input, folded into the block (verified to leave its output unchanged on one
+    calibration window), and the group's statistics are rewritten for the scaled inputs. Returns the
+    updated statistics."""
+    probe = first_window(inputs[0])
+
+    def check() -> Tensor:
+        return run_block(block, [probe])[0].hidden
+
+    refs = adapter.linears(block)
+    for group in scale_groups(adapter.family, block):
+        st = next((stats[n] for n in group.linears if n in stats), None)
+        if st is None:                                          # no layer of the group is quantized
+            continue
+        weight = torch.cat([refs[n].weight() for n in group.linears])
+        found = awq_search(weight, st["hessian"], st["act_absmean"], recipe.spec, recipe.scaling_grid)
+        if found.alpha == 0.0 or not fold(block, group, found.scale, check):
+            continue
+        log.debug("%s: %s alpha %.2f output error %.4g -> %.4g", block_name, group.prev, found.alpha,
+                  found.error_before, found.error_after)
+        scaled = scaled_stats(st, found.scale)
+        for n in group.linears:
+            if n in stats:
+                stats[n] = scaled
+    return stats
 
 
 def quantize_layer(method: Method, weight: Tensor, stats: dict[str, Tensor], recipe: Recipe) -> WeightFormat:

@@ -13,6 +13,11 @@ A recipe in YAML (or the same keys in JSON)::
     outliers: 0.005           # fraction in [0, 0.1] of each layer's weights kept exactly in fp16
                               # (most salient: w²/diag(H⁻¹)² if the method collects a Hessian, else |w|),
                               # stored sparse; their values and indices count in bits per weight
+    scaling: awq              # activation-aware per-channel scales, folded into the preceding norm or
+    scaling_grid: 20          # linear (lowbit.models.scaling); α searched on this grid by output error
+
+``calibration.dtype`` (``bfloat16`` by default, or ``float32``) is the precision of the calibration
+forward passes; statistics are summed in fp32/fp64 either way.
 
 Patterns match full module names such as ``model.layers.3.self_attn.q_proj``: shell globs
 (``fnmatch``), or regular expressions after ``re:`` (``re.fullmatch``). Only linear layers inside
@@ -29,11 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 import yaml
 
 from lowbit.errors import RecipeError
 from lowbit.formats import QuantSpec
 from lowbit.quantizers import get_method
+
+CALIBRATION_DTYPES = ("bfloat16", "float32")
+SCALINGS = ("none", "awq")
 
 
 @dataclass(frozen=True)
@@ -44,8 +53,11 @@ class CalibrationSpec:
     windows: int = 128
     seqlen: int = 512
     seed: int = 0
+    dtype: str = "bfloat16"        # precision of the calibration forward passes (statistics: fp32/fp64 sums)
 
     def __post_init__(self):
+        if self.dtype not in CALIBRATION_DTYPES:
+            raise RecipeError(f"calibration.dtype={self.dtype!r} must be one of {', '.join(CALIBRATION_DTYPES)}")
         for k in ("windows", "seqlen"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -92,8 +104,14 @@ class Recipe:
     ignore: tuple[str, ...] = ()
     calibration: CalibrationSpec = CalibrationSpec()
     outliers: float = 0.0                      # fraction kept in fp16, see lowbit.quantizers.outliers
+    scaling: str = "none"                      # "awq": activation-aware scales folded before rounding
+    scaling_grid: int = 20                     # α candidates 0, 1/grid, …, (grid-1)/grid
 
     def __post_init__(self):
+        if self.scaling not in SCALINGS:
+            raise RecipeError(f"scaling={self.scaling!r} must be one of {', '.join(SCALINGS)}")
+        if not isinstance(self.scaling_grid, int) or isinstance(self.scaling_grid, bool) or self.scaling_grid < 1:
+            raise RecipeError(f"scaling_grid={self.scaling_grid!r} must be a positive integer")
         if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) \
                 or not 0.0 <= self.outliers <= 0.1:
             raise RecipeError(f"outliers={self.outliers!r} must be a fraction in [0, 0.1] "
@@ -117,8 +135,20 @@ class Recipe:
         return hit(self.targets) and not hit(self.ignore)
 
     @property
+    def needs(self) -> frozenset[str]:
+        """The statistics of layer inputs this recipe needs (method, its options, scaling)."""
+        needs = get_method(self.method).needs_for(self.options)
+        if self.scaling == "awq":
+            needs |= {"hessian", "act_absmean"}
+        return needs
+
+    @property
+    def calibration_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.calibration.dtype == "bfloat16" else torch.float32
+
+    @property
     def needs_calibration(self) -> bool:
-        return bool(get_method(self.method).needs)
+        return bool(self.needs)
 
     # -- (de)serialization -------------------------------------------------------------
     def to_dict(self) -> dict:

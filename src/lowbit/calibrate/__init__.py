@@ -50,7 +50,9 @@ class Hessian(Statistic):
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64)
 
     def update(self, x):
-        self.xtx += (x.t() @ x).double()            # fp32 product per batch, fp64 running sum
+        # product in the rows' precision (fp32, or bf16 with fp32 accumulation inside the matmul,
+        # rounded once per batch: about 1e-3 relative), fp64 running sum
+        self.xtx += (x.t() @ x).double()
         self.n += x.shape[0]
 
     def result(self):
@@ -79,8 +81,12 @@ def check_needs(needs: frozenset[str]) -> None:
 
 
 @contextmanager
-def collecting(modules: dict[str, nn.Module], needs: frozenset[str]) -> Iterator[dict[str, dict[str, Statistic]]]:
+def collecting(modules: dict[str, nn.Module], needs: frozenset[str],
+               dtype: torch.dtype = torch.float32) -> Iterator[dict[str, dict[str, Statistic]]]:
     """Hook ``modules`` (Linear/Conv1D by name) while the caller runs forward passes; yields the accumulators.
+
+    The rows a layer receives are cast to ``dtype`` (fp32, or bf16 when the calibration runs in bf16,
+    where the matmul would round them so anyway) before they update the statistics.
 
     Layers fed the very same input tensor (q/k/v, gate/up) share one set of accumulators, found
     on the first forward pass, so each distinct input is accumulated once.
@@ -100,7 +106,7 @@ def collecting(modules: dict[str, nn.Module], needs: frozenset[str]) -> Iterator
                 return
             last[0], last[1] = x, name
             stats = acc.setdefault(name, {s: STATS[s](in_f) for s in needs})
-            rows = x.detach().reshape(-1, x.shape[-1]).float()             # (rows, in)
+            rows = x.detach().reshape(-1, x.shape[-1]).to(dtype)           # (rows, in)
             for st in stats.values():
                 st.update(rows)
 
@@ -111,3 +117,54 @@ def collecting(modules: dict[str, nn.Module], needs: frozenset[str]) -> Iterator
         last[0] = None
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def collecting_experts(experts: nn.Module, prefix: str, needs: frozenset[str],
+                       dtype: torch.dtype = torch.float32) -> Iterator[dict[str, dict[str, Statistic]]]:
+    """Statistics of every routed expert's inputs in a fused MoE ``experts`` module (3-D ``gate_up_proj``,
+    ``down_proj``), keyed ``<prefix>.gate_up_proj.<e>`` and ``<prefix>.down_proj.<e>``.
+
+    A hook on the module sees the tokens and the routing of each forward call; for each expert it
+    updates the statistics with the rows routed to it (``gate_up_proj``'s input) and recomputes
+    ``act(gate) · up`` from the full-precision expert for ``down_proj``'s input. An expert that no
+    calibration token reaches keeps ``n == 0`` (see :func:`empty_statistics`)."""
+    check_needs(needs)
+    n_exp, two_i, hidden = experts.gate_up_proj.shape
+    acc = {f"{prefix}.{p}.{e}": {s: STATS[s](width) for s in needs}
+           for p, width in (("gate_up_proj", hidden), ("down_proj", two_i // 2)) for e in range(n_exp)}
+
+    def hook(mod, args, kwargs, _out):
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        hs, idx, _ = [*args, *(kwargs[k] for k in names[len(args):])][:3]
+        hs = hs.detach().reshape(-1, hs.shape[-1])
+        with torch.no_grad():
+            for e in torch.unique(idx).tolist():
+                if not 0 <= e < n_exp:
+                    continue
+                token_idx = torch.where(idx == e)[0]
+                x = hs[token_idx]
+                gate, up = torch.nn.functional.linear(x, mod.gate_up_proj[e]).chunk(2, dim=-1)
+                h = mod.act_fn(gate) * up
+                for name, rows in ((f"{prefix}.gate_up_proj.{e}", x), (f"{prefix}.down_proj.{e}", h)):
+                    for st in acc[name].values():
+                        st.update(rows.to(dtype))
+
+    handle = experts.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield acc
+    finally:
+        handle.remove()
+
+
+def empty_statistics(stat: Statistic) -> bool:
+    """True when no row reached the layer (e.g. an expert no calibration token was routed to)."""
+    return stat.n == 0
+
+
+def neutral_result(name: str, in_features: int) -> Tensor:
+    """What a statistic stands in as when it saw no row: identity Hessian, unit activation magnitude
+    (quantizers then treat every input channel alike, as round-to-nearest does)."""
+    if name == "hessian":
+        return torch.eye(in_features)
+    return torch.ones(in_features)

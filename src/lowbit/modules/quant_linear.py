@@ -61,6 +61,8 @@ class QuantLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kw)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.float32:            # kernels take fp32 rows (bf16 under autocast, fp16/bf16 models)
+            return kernels.linear(x.float(), self.fmt, self.bias, self._plans).to(x.dtype)
         return kernels.linear(x, self.fmt, self.bias, self._plans)
 
     @property

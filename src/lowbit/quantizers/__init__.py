@@ -16,7 +16,14 @@ from lowbit.errors import RecipeError
 from lowbit.formats import QuantSpec, WeightFormat
 from lowbit.quantizers.gptq import gptq
 from lowbit.quantizers.hqq import hqq
-from lowbit.quantizers.rtn import minmax_qparams, round_to_grid, rtn, rtn_clip
+from lowbit.quantizers.rtn import (
+    CLIP_OBJECTIVES,
+    clip_qparams,
+    minmax_qparams,
+    round_to_grid,
+    rtn,
+    rtn_clip,
+)
 
 QuantizeFn = Callable[[Tensor, Mapping[str, Tensor], QuantSpec, Mapping[str, Any]], WeightFormat]
 
@@ -28,6 +35,11 @@ class Method:
     needs: frozenset[str] = frozenset()            # statistic names, see lowbit.calibrate
     options: Mapping[str, Any] = field(default_factory=dict)   # option name -> default
     doc: str = ""
+    extra_needs: Callable[[Mapping[str, Any]], frozenset[str]] | None = None   # needs that depend on options
+
+    def needs_for(self, options: Mapping[str, Any]) -> frozenset[str]:
+        """The statistics this method needs with ``options`` (merged with the defaults)."""
+        return self.needs | (self.extra_needs({**self.options, **options}) if self.extra_needs else frozenset())
 
     def check_options(self, options: Mapping[str, Any]) -> dict:
         """Defaults overlaid with ``options``; an unknown option is a RecipeError."""
@@ -40,6 +52,9 @@ class Method:
             default = self.options[k]
             if type(v) is not type(default) and not (isinstance(default, float) and isinstance(v, int)):
                 raise RecipeError(f"method {self.name!r}: option {k}={v!r} must be {type(default).__name__}")
+        for key, allowed in (("clip", CLIP_OBJECTIVES), ("objective", CLIP_OBJECTIVES[1:])):
+            if key in merged and merged[key] not in allowed:
+                raise RecipeError(f"method {self.name!r}: {key}={merged[key]!r} must be one of {', '.join(allowed)}")
         return merged
 
 
@@ -57,20 +72,27 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+_CLIP = {"clip": "none", "grid": 20, "min_ratio": 0.5}      # range fitting, see rtn.clip_qparams
+
 register(Method("rtn", lambda w, stats, spec, opts: rtn(w, spec), doc="round to nearest on min-max ranges"))
 register(Method(
     "rtn_clip",
-    lambda w, stats, spec, opts: rtn_clip(w, spec, opts["grid"], opts["min_ratio"]),
-    options={"grid": 20, "min_ratio": 0.5},
-    doc="round to nearest, each group's range shrunk by the ratio that minimises weight error",
+    lambda w, stats, spec, opts: rtn_clip(w, spec, opts["grid"], opts["min_ratio"], opts["objective"],
+                                          stats.get("hessian")),
+    options={"grid": 20, "min_ratio": 0.5, "objective": "weight"},
+    extra_needs=lambda opts: frozenset({"hessian"}) if opts["objective"] == "output" else frozenset(),
+    doc="round to nearest, each group's range shrunk by the ratio in [min_ratio, 1] that minimises its weight "
+        "error (objective: weight) or its layer-output error through the input Hessian (objective: output)",
 ))
 
 register(Method(
     "gptq",
-    lambda w, stats, spec, opts: gptq(w, stats["hessian"], spec, opts["damp"], opts["block"], opts["act_order"]),
+    lambda w, stats, spec, opts: gptq(w, stats["hessian"], spec, opts["damp"], opts["block"], opts["act_order"],
+                                      clip=opts["clip"], grid=opts["grid"], min_ratio=opts["min_ratio"]),
     needs=frozenset({"hessian"}),
-    options={"damp": 0.01, "block": 128, "act_order": True},
-    doc="GPTQ: column-by-column rounding with inverse-Hessian error feedback; act-order with static groups",
+    options={"damp": 0.01, "block": 128, "act_order": True, **_CLIP},
+    doc="GPTQ: column-by-column rounding with inverse-Hessian error feedback; act-order with static groups; "
+        "clip: weight|output fits the group ranges by a clipping search first",
 ))
 
 register(Method(
@@ -80,5 +102,5 @@ register(Method(
     doc="HQQ-style, data-free: min-max RTN with zeros (opt_scale: also scales) refined by half-quadratic l_p fitting",
 ))
 
-__all__ = ["gptq", "hqq", "METHODS", "Method", "get_method", "register", "minmax_qparams", "round_to_grid", "rtn",
+__all__ = ["CLIP_OBJECTIVES", "clip_qparams", "gptq", "hqq", "METHODS", "Method", "get_method", "register", "minmax_qparams", "round_to_grid", "rtn",
            "rtn_clip"]

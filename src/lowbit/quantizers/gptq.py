@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lowbit.formats import GroupedInt, QuantSpec
-from lowbit.quantizers.rtn import minmax_qparams
+from lowbit.quantizers.rtn import clip_qparams, minmax_qparams
 
 log = logging.getLogger("lowbit.gptq")
 
@@ -45,8 +45,12 @@ def damped_inverse_cholesky(h: Tensor, damp: float, name: str = "") -> Tensor:
 
 
 def gptq(weight: Tensor, hessian: Tensor, spec: QuantSpec, damp: float = 0.01, block: int = 128,
-         act_order: bool = True, name: str = "") -> GroupedInt:
-    """GPTQ of ``weight`` (out, in) given the input Hessian (in, in)."""
+         act_order: bool = True, name: str = "", clip: str = "none", grid: int = 20,
+         min_ratio: float = 0.5) -> GroupedInt:
+    """GPTQ of ``weight`` (out, in) given the input Hessian (in, in).
+
+    ``clip`` chooses how group ranges are fitted (:func:`~lowbit.quantizers.rtn.clip_qparams`):
+    plain min-max (``"none"``), or shrunk by the ratio minimising the group's weight or output error."""
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
     out_f, in_f = w.shape
@@ -57,7 +61,9 @@ def gptq(weight: Tensor, hessian: Tensor, spec: QuantSpec, damp: float = 0.01, b
     w[:, dead] = 0.0
 
     fixed = act_order or gw == in_f              # static groups (act-order), or one group per row
-    scale, zero = minmax_qparams(w, spec)        # fitted now if fixed, else refitted as each group is reached
+    fit = lambda cols, a: clip_qparams(cols, spec, clip, h[a:a + cols.shape[1], a:a + cols.shape[1]],  # noqa: E731
+                                       grid, min_ratio)
+    scale, zero = fit(w, 0) if fixed else minmax_qparams(w, spec)  # if not fixed, refitted as each group is reached
 
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_f)
     w, h = w[:, perm], h[perm][:, perm]
@@ -75,7 +81,7 @@ def gptq(weight: Tensor, hessian: Tensor, spec: QuantSpec, damp: float = 0.01, b
             col = i1 + i
             g = group_of[col].item()
             if not fixed and gw != in_f and perm[col].item() % gw == 0:     # first column of its group
-                sg, zg = minmax_qparams(_natural_group(w, wb, i1, i, gw, in_f), spec)
+                sg, zg = fit(_natural_group(w, wb, i1, i, gw, in_f), col)           # perm is the identity here
                 scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
                 s32[:, g], z32[:, g] = sg[:, 0].float(), zg[:, 0].float()
             s, z = s32[:, g], z32[:, g]

@@ -39,7 +39,13 @@ from torch import Tensor
 
 from lowbit.errors import RecipeError
 from lowbit.formats import GroupedInt, QuantSpec
-from lowbit.quantizers.rtn import _FP16_TINY, _ZERO_LIMIT, group_view, minmax_qparams, round_to_grid
+from lowbit.quantizers.rtn import (
+    _FP16_TINY,
+    _ZERO_LIMIT,
+    group_view,
+    minmax_qparams,
+    round_to_grid,
+)
 
 _FP16_MAX = 65504.0
 

@@ -66,12 +66,42 @@ def group_sq_error(weight: Tensor, q: Tensor, scale: Tensor, zero: Tensor, spec:
     return torch.where(valid, groups, 0.0).sum(-1)
 
 
-def rtn_clip(weight: Tensor, spec: QuantSpec, grid: int = 20, min_ratio: float = 0.5) -> GroupedInt:
-    """Round to nearest with each group's range shrunk by the ratio in [min_ratio, 1] that minimises weight error."""
+def output_group_error(weight: Tensor, q: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec,
+                       hessian: Tensor) -> Tensor:
+    """(out, G) output error per group: ``e_g H_gg e_gᵀ`` for each row's error ``e_g`` on the group's columns.
+
+    With ``H = 2/n Σ xᵀx`` this is twice the mean squared error that the group's weights add to
+    the layer's output over the calibration rows (cross-group terms left out, so each group's
+    choice is independent)."""
+    err = dequantize_codes(q, scale, zero, spec) - weight.float()
+    in_f = weight.shape[1]
+    g = spec.group_width(in_f)
+    cols = []
+    for a in range(0, in_f, g):
+        e = err[:, a:a + g]
+        cols.append(((e @ hessian[a:a + g, a:a + g]) * e).sum(-1))
+    return torch.stack(cols, dim=1)
+
+
+CLIP_OBJECTIVES = ("none", "weight", "output")
+
+
+def clip_qparams(weight: Tensor, spec: QuantSpec, objective: str = "weight", hessian: Tensor | None = None,
+                 grid: int = 20, min_ratio: float = 0.5) -> tuple[Tensor, Tensor]:
+    """Scale and zero with each group's range shrunk by the ratio in [min_ratio, 1] that minimises its error.
+
+    ``objective``: ``"weight"`` (squared weight error), ``"output"`` (layer output error through the
+    input Hessian, see :func:`output_group_error`; needs ``hessian``) or ``"none"`` (plain min-max)."""
+    if objective == "none":
+        return minmax_qparams(weight, spec)
+    if objective == "output" and hessian is None:
+        raise ValueError("clipping by output error needs the layer's input Hessian")
     best_err = best_scale = best_zero = None
     for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
         scale, zero = minmax_qparams(weight, spec, ratio)
-        err = group_sq_error(weight, round_to_grid(weight, scale, zero, spec), scale, zero, spec)
+        q = round_to_grid(weight, scale, zero, spec)
+        err = (group_sq_error(weight, q, scale, zero, spec) if objective == "weight"
+               else output_group_error(weight, q, scale, zero, spec, hessian))
         if best_err is None:
             best_err, best_scale, best_zero = err, scale, zero
             continue
@@ -79,4 +109,11 @@ def rtn_clip(weight: Tensor, spec: QuantSpec, grid: int = 20, min_ratio: float =
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
-    return _pack(round_to_grid(weight, best_scale, best_zero, spec), best_scale, best_zero, spec)
+    return best_scale, best_zero
+
+
+def rtn_clip(weight: Tensor, spec: QuantSpec, grid: int = 20, min_ratio: float = 0.5, objective: str = "weight",
+             hessian: Tensor | None = None) -> GroupedInt:
+    """Round to nearest with each group's range shrunk by a searched clipping ratio (:func:`clip_qparams`)."""
+    scale, zero = clip_qparams(weight, spec, objective, hessian, grid, min_ratio)
+    return _pack(round_to_grid(weight, scale, zero, spec), scale, zero, spec)
