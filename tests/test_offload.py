@@ -29,9 +29,17 @@ def assert_same_checkpoint(a, b):
     assert ma["layers"] == mb["layers"] and ma["summary"] == mb["summary"]
 
 
-@pytest.fixture(params=["rtn", "gptq"])
+RECIPES = {
+    "rtn": dict(method="rtn"),
+    "gptq": dict(method="gptq"),
+    # block-level stages, and the full-precision activations kept on disk for learned rounding
+    "awq-gptq-learned": dict(method="gptq", scaling="awq", learned={"iters": 6, "batch": 2}),
+}
+
+
+@pytest.fixture(params=sorted(RECIPES))
 def recipe(request, corpus_file):
-    return Recipe(method=request.param, bits=3, group_size=32,
+    return Recipe(**RECIPES[request.param], bits=3, group_size=32,
                   calibration={"corpus": str(corpus_file), "windows": 4, "seqlen": 32})
 
 

@@ -5,7 +5,7 @@ never has to sit in memory whole.
       progress.json            fingerprint of the run (recipe, source, calibration) and, per finished
                                block, its layer records; rewritten atomically after each block
       block-0007.safetensors   block 7's tensors after quantization (full names)
-      inputs.pt                the calibration activations entering the next block
+      inputs-NNNN.pt           the calibration activations entering block NNNN + 1
 
 ``progress.json`` is written last, so a run killed at any moment resumes from the last block it
 recorded; the saved activations make the resumed run bit-identical to an uninterrupted one.
@@ -68,20 +68,31 @@ class Offload:
     def block_file(self, i: int) -> Path:
         return self.dir / f"block-{i:04d}.safetensors"
 
-    def save_block(self, i: int, prefix: str, block: nn.Module, layers: dict, inputs: list | None) -> None:
-        """Record block ``i`` as finished: its tensors, the next block's inputs, then the progress entry."""
+    def inputs_file(self, i: int) -> Path:
+        """The calibration activations entering block ``i + 1`` (written when block ``i`` finishes)."""
+        return self.dir / f"inputs-{i:04d}.pt"
+
+    def save_block(self, i: int, prefix: str, block: nn.Module, layers: dict, inputs: list | None,
+                   fp_inputs: list | None = None) -> None:
+        """Record block ``i`` as finished: its tensors, the next block's inputs (the quantized model's and,
+        for learned rounding, the full-precision model's), then the progress entry; then drop the
+        previous block's inputs. Each file is complete before the progress entry names it, so a
+        run killed at any point resumes from consistent files."""
         state = {f"{prefix}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
         with atomic_file(self.block_file(i)) as tmp:
             save_file(state, tmp)
         if inputs is not None:
-            with atomic_file(self.dir / "inputs.pt") as tmp:
-                torch.save([_to_plain(x) for x in inputs], tmp)
+            with atomic_file(self.inputs_file(i)) as tmp:
+                torch.save({"inputs": [_to_plain(x) for x in inputs],
+                            "fp_inputs": None if fp_inputs is None else [_to_plain(x) for x in fp_inputs]}, tmp)
         prog = self.progress()
         if len(prog["blocks"]) != i:
             raise LowbitError(f"{self.dir}: progress records {len(prog['blocks'])} blocks, expected {i}; "
                               "two runs share this --offload-dir?")
         prog["blocks"].append({"name": prefix, "file": self.block_file(i).name, "layers": layers})
         self._write_progress(prog)
+        if i > 0:
+            self.inputs_file(i - 1).unlink(missing_ok=True)
 
     def load_block(self, i: int, block: nn.Module, prefix: str) -> None:
         """Fill ``block`` (already holding the right quantized modules) with its saved tensors."""
@@ -89,8 +100,10 @@ class Offload:
         n = len(prefix) + 1
         block.load_state_dict({k[n:]: v for k, v in state.items()}, strict=True, assign=True)
 
-    def load_inputs(self) -> list[dict]:
-        return torch.load(self.dir / "inputs.pt", weights_only=True)
+    def load_inputs(self, start: int) -> tuple[list[dict], list[dict] | None]:
+        """The activations entering block ``start`` (quantized model's, full-precision model's or None)."""
+        d = torch.load(self.inputs_file(start - 1), weights_only=True)
+        return d["inputs"], d["fp_inputs"]
 
     def files(self) -> list[Path]:
         return [self.dir / b["file"] for b in self.progress()["blocks"]]
@@ -98,7 +111,8 @@ class Offload:
 
     def clear(self) -> None:
         """Delete what this run wrote (and the directory, if nothing else is in it)."""
-        for f in [self.dir / PROGRESS, self.dir / "inputs.pt", *self.dir.glob("block-[0-9][0-9][0-9][0-9].safetensors")]:
+        for f in [self.dir / PROGRESS, *self.dir.glob("inputs-[0-9][0-9][0-9][0-9].pt"),
+                  *self.dir.glob("block-[0-9][0-9][0-9][0-9].safetensors")]:
             f.unlink(missing_ok=True)
         try:
             self.dir.rmdir()

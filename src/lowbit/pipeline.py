@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -31,12 +32,13 @@ from lowbit.calibrate import (
 )
 from lowbit.errors import LowbitError, RecipeError, WeightValueError
 from lowbit.formats import WeightFormat
-from lowbit.models.adapters import Adapter, get_adapter
+from lowbit.models.adapters import Adapter, _set_submodule, get_adapter
 from lowbit.models.lazy import LazyWeights
 from lowbit.models.scaling import fold, scale_groups
 from lowbit.offload import Offload, fingerprint
 from lowbit.quantizers import Method, get_method
 from lowbit.quantizers.awq import awq_search, scaled_stats
+from lowbit.quantizers.learned import LearnedWeight
 from lowbit.quantizers.outliers import outlier_mask, with_outliers
 from lowbit.recipe import Recipe
 
@@ -128,12 +130,19 @@ def _autocast(dtype: torch.dtype):
 
 
 def first_window(inp: BlockInput) -> BlockInput:
-    """The first window of a batch: every tensor whose leading dimension is the batch size is sliced."""
+    """The first window of a batch."""
+    return window_slice(inp, 0, 1)
+
+
+def window_slice(inp: BlockInput, a: int, z: int) -> BlockInput:
+    """Windows ``a:z`` of a batch: every tensor whose leading dimension is the batch size is sliced."""
     b = inp.hidden.shape[0]
+    if a == 0 and z >= b:
+        return inp
 
     def cut(v):
         if isinstance(v, Tensor):
-            return v[:1] if v.dim() and v.shape[0] == b else v
+            return v[a:z] if v.dim() and v.shape[0] == b else v
         if isinstance(v, tuple):
             return tuple(cut(x) for x in v)
         if isinstance(v, list):
@@ -142,7 +151,7 @@ def first_window(inp: BlockInput) -> BlockInput:
             return {k: cut(x) for k, x in v.items()}
         return v
 
-    return inp if b == 1 else BlockInput(inp.hidden[:1], cut(inp.args), cut(inp.kwargs))
+    return BlockInput(inp.hidden[a:z], cut(inp.args), cut(inp.kwargs))
 
 
 def run_block(block: nn.Module, inputs: list[BlockInput], dtype: torch.dtype = torch.float32) -> list[BlockInput]:
@@ -171,22 +180,30 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
     adapter = get_adapter(model)
     method = get_method(recipe.method)
     needs = recipe.needs
-    if needs and calibration is None:
-        raise LowbitError(f"recipe {recipe.name!r} needs calibration windows ({', '.join(sorted(needs))})")
+    if recipe.needs_calibration and calibration is None:
+        what = ", ".join(sorted(needs | ({"block outputs"} if recipe.learned else set())))
+        raise LowbitError(f"recipe {recipe.name!r} needs calibration windows ({what})")
     if lazy is not None and offload is None:
         raise LowbitError("quantizing a model lazily from disk needs an offload directory")
     report = QuantizeReport(recipe)
     start = 0
     if offload is not None:
-        calib_hash = None if calibration is None or not needs else fingerprint(ids=calibration.tolist())
+        calib_hash = (None if calibration is None or not recipe.needs_calibration
+                      else fingerprint(ids=calibration.tolist()))
         start = offload.resume_point(fingerprint(recipe=recipe.to_dict(), source=source_fingerprint,
                                                  calibration=calib_hash))
         if start:
             log.info("resuming after block %d from %s", start - 1, offload.dir)
-    inputs = None
-    if needs:
-        inputs = ([BlockInput(**x) for x in offload.load_inputs()] if start else
-                  capture_block_inputs(model, adapter, calibration))
+    inputs = fp_inputs = None                 # quantized model's / full-precision model's activations
+    fp_stream = recipe.learned is not None and recipe.learned.target == "fp"
+    if recipe.needs_calibration:
+        if start:
+            saved, saved_fp = offload.load_inputs(start)
+            inputs = [BlockInput(**x) for x in saved]
+            fp_inputs = [BlockInput(**x) for x in saved_fp] if saved_fp is not None else None
+        else:
+            inputs = capture_block_inputs(model, adapter, calibration)
+            fp_inputs = inputs if fp_stream else None
     blocks = adapter.blocks(model)
     bar = tqdm(blocks, desc=f"quantize {recipe.name}", unit="block", disable=not progress)
     for i, (block_name, block) in enumerate(bar):
@@ -200,12 +217,18 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
             continue
         if lazy is not None:
             lazy.materialize(block, block_name)
-        records = quantize_block(block_name, block, adapter, method, recipe, inputs)
+        targets = None
+        if recipe.learned is not None:                                    # before anything changes the block
+            targets = run_block(block, fp_inputs if fp_stream else inputs, recipe.calibration_dtype)
+        records = quantize_block(block_name, block, adapter, method, recipe, inputs, targets, seed=i)
         report.layers.update(records)
         if inputs is not None:
             inputs = run_block(block, inputs, recipe.calibration_dtype)
+        if fp_stream:
+            fp_inputs = targets
         if offload is not None:
-            offload.save_block(i, block_name, block, {n: r.to_dict() for n, r in records.items()}, inputs)
+            offload.save_block(i, block_name, block, {n: r.to_dict() for n, r in records.items()}, inputs,
+                               fp_inputs)
         if lazy is not None:
             lazy.release(block)
         bar.set_postfix(bits=f"{report.bits_per_weight:.3f}")
@@ -217,9 +240,11 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
 
 
 def quantize_block(block_name: str, block: nn.Module, adapter: Adapter, method: Method, recipe: Recipe,
-                   inputs: list[BlockInput] | None) -> dict[str, LayerRecord]:
-    """Collect the statistics the recipe needs on ``inputs``, apply block-level stages, quantize the selected
-    layers, swap them in."""
+                   inputs: list[BlockInput] | None, targets: list[BlockInput] | None = None,
+                   seed: int = 0) -> dict[str, LayerRecord]:
+    """Collect the statistics the recipe needs on ``inputs``, apply block-level stages (scaling), quantize
+    the selected layers one at a time, refine them jointly against ``targets`` (learned rounding),
+    swap them in."""
     refs = {rel: ref for rel, ref in adapter.linears(block).items() if recipe.selects(f"{block_name}.{rel}")}
     stats: dict[str, dict[str, Tensor]] = {}
     needs = recipe.needs
@@ -234,10 +259,100 @@ def quantize_block(block_name: str, block: nn.Module, adapter: Adapter, method: 
         if not torch.isfinite(w).all():
             raise WeightValueError(f"{block_name}.{rel}: weight holds NaN or Inf; "
                                    "the source model is damaged, fix or re-export it before quantizing")
-        formats[rel] = fmt = quantize_layer(method, w, stats.get(rel, {}), recipe)
-        records[f"{block_name}.{rel}"] = LayerRecord(fmt.meta(), ref.bias() is not None, w.numel(), fmt.nbytes())
+        formats[rel] = quantize_layer(method, w, stats.get(rel, {}), recipe)
+    if recipe.learned is not None and formats:
+        formats = refine_block(block_name, block, refs, formats, recipe, inputs, targets, seed)
+    for rel, fmt in formats.items():
+        ref = refs[rel]
+        records[f"{block_name}.{rel}"] = LayerRecord(fmt.meta(), ref.bias() is not None, fmt.shape[0] * fmt.shape[1],
+                                                     fmt.nbytes())
     adapter.install(block, formats)
     return records
+
+
+class _LearnedLinear(nn.Module):
+    """Stand-in for a Linear/Conv1D during learned rounding: ``x @ ŵᵀ + b`` with ŵ from a LearnedWeight."""
+
+    def __init__(self, learned: LearnedWeight, bias: Tensor | None):
+        super().__init__()
+        self.learned = learned
+        self.bias = bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.learned().to(x.dtype) if x.dtype != torch.float32 else self.learned(),
+                        None if self.bias is None else self.bias.to(x.dtype))
+
+
+def refine_block(block_name: str, block: nn.Module, refs: dict, formats: dict[str, WeightFormat], recipe: Recipe,
+                 inputs: list[BlockInput], targets: list[BlockInput], seed: int = 0) -> dict[str, WeightFormat]:
+    """Learn the rounding offsets and group ranges of the block's layers jointly (:mod:`lowbit.quantizers.learned`).
+
+    Minimises the mean squared error between the block's output with fake-quantized weights on
+    ``inputs`` (the quantized model's activations) and ``targets`` by signed gradient descent
+    with a linearly decaying step, on ``learned.batch`` windows per step drawn with a seeded
+    generator; keeps the iterate with the lowest step loss. Fused MoE experts keep their
+    starting formats (logged)."""
+    spec = recipe.learned
+    dense = [rel for rel in formats if refs[rel].param is None]
+    if len(dense) < len(formats):
+        log.info("%s: fused MoE experts keep their %s rounding (learned rounding covers dense layers)",
+                 block_name, recipe.method)
+    if not dense:
+        return formats
+    learners = {rel: LearnedWeight(refs[rel].weight(), formats[rel], recipe.spec, spec) for rel in dense}
+    originals = {rel: refs[rel].module for rel in dense}
+    params = [p for lw in learners.values() for p in lw.parameters() if p.requires_grad]
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    for rel, lw in learners.items():
+        bias = refs[rel].bias()
+        _set_submodule(block, rel, _LearnedLinear(lw, None if bias is None else bias.detach()))
+    # (batch index, window index) of every calibration window
+    slots = [(b, k) for b, inp in enumerate(inputs) for k in range(inp.hidden.shape[0])]
+    gen = torch.Generator().manual_seed(spec.seed * 100003 + seed)
+    best_loss, best_state, first_loss = float("inf"), None, None
+    try:
+        for it in range(spec.iters):
+            b = slots[int(torch.randint(len(slots), (1,), generator=gen))][0]
+            inp, tgt = inputs[b], targets[b].hidden
+            n = inp.hidden.shape[0]
+            if n > spec.batch:                                                # a random run of windows
+                a = int(torch.randint(n - spec.batch + 1, (1,), generator=gen))
+                inp, tgt = window_slice(inp, a, a + spec.batch), tgt[a:a + spec.batch]
+            with torch.enable_grad(), _autocast(recipe.calibration_dtype):
+                y = block(inp.hidden, *inp.args, **inp.kwargs)
+                y = y[0] if isinstance(y, tuple) else y
+                loss = F.mse_loss(y.float(), tgt.float())
+            loss_v = loss.item()
+            if first_loss is None:
+                first_loss = loss_v
+            if loss_v < best_loss:
+                best_loss = loss_v
+                best_state = [p.detach().clone() for p in params]
+            if it == spec.iters - 1:
+                break
+            loss.backward()
+            lr = spec.step * (1 - it / spec.iters)
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        p.sub_(lr * p.grad.sign())
+                        p.grad = None
+                for lw in learners.values():
+                    lw.project()
+        with torch.no_grad():
+            for p, v in zip(params, best_state):
+                p.copy_(v)
+        out = dict(formats)
+        out.update({rel: lw.to_format() for rel, lw in learners.items()})
+    finally:
+        for rel, mod in originals.items():
+            _set_submodule(block, rel, mod)
+        for p in frozen:
+            p.requires_grad_(True)
+    log.info("%s: learned rounding, block loss %.4g -> %.4g (%d steps)", block_name, first_loss, best_loss, spec.iters)
+    return out
 
 
 def collect_statistics(block: nn.Module, adapter: Adapter, refs: dict, needs: frozenset[str],

@@ -40,6 +40,7 @@ import yaml
 from lowbit.errors import RecipeError
 from lowbit.formats import QuantSpec
 from lowbit.quantizers import get_method
+from lowbit.quantizers.learned import LearnedSpec
 
 CALIBRATION_DTYPES = ("bfloat16", "float32")
 SCALINGS = ("none", "awq")
@@ -106,6 +107,7 @@ class Recipe:
     outliers: float = 0.0                      # fraction kept in fp16, see lowbit.quantizers.outliers
     scaling: str = "none"                      # "awq": activation-aware scales folded before rounding
     scaling_grid: int = 20                     # α candidates 0, 1/grid, …, (grid-1)/grid
+    learned: LearnedSpec | None = None         # block-wise learned rounding and ranges, see quantizers.learned
 
     def __post_init__(self):
         if self.scaling not in SCALINGS:
@@ -117,6 +119,14 @@ class Recipe:
             raise RecipeError(f"outliers={self.outliers!r} must be a fraction in [0, 0.1] "
                               "(e.g. 0.005 keeps 0.5 % of each layer's weights in fp16); 0 turns it off")
         object.__setattr__(self, "outliers", float(self.outliers))
+        if self.learned is not None and not isinstance(self.learned, LearnedSpec):
+            if not isinstance(self.learned, Mapping):
+                raise RecipeError(f"learned must be a mapping such as {{iters: 200}}, got {self.learned!r}")
+            known = {f.name for f in dataclasses.fields(LearnedSpec)}
+            if set(self.learned) - known:
+                raise RecipeError(f"unknown learned key(s) {', '.join(sorted(set(self.learned) - known))}; "
+                                  f"known: {', '.join(sorted(known))}")
+            object.__setattr__(self, "learned", LearnedSpec(**self.learned))
         object.__setattr__(self, "calibration", CalibrationSpec.coerce(self.calibration))
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "ignore", tuple(self.ignore))
@@ -148,7 +158,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return bool(self.needs)
+        return bool(self.needs) or self.learned is not None
 
     # -- (de)serialization -------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -218,4 +228,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gptq-w4g128": dict(method="gptq", bits=4, group_size=128),
     "gptq-w3g128": dict(method="gptq", bits=3, group_size=128),
     "gptq-w2g64": dict(method="gptq", bits=2, group_size=64),
+    # activation-aware scaling (folded, no extra bits) + round to nearest
+    "awq-w4g128": dict(method="rtn", bits=4, group_size=128, scaling="awq"),
+    "awq-w3g128": dict(method="rtn", bits=3, group_size=128, scaling="awq"),
+    "awq-w2g64": dict(method="rtn", bits=2, group_size=64, scaling="awq"),
+    # learned rounding and ranges against each block's full-precision output (AutoRound-style)
+    **{f"ar-w{b}g{g}{suffix}": dict(method="rtn", bits=b, group_size=g, learned={"iters": iters})
+       for b, g in ((4, 128), (3, 128), (2, 64)) for suffix, iters in (("", 200), ("-fast", 50))},
 }

@@ -1,0 +1,144 @@
+"""Learned rounding and ranges: the differentiable side of block-wise quantization (AutoRound-style).
+
+A layer's quantized weight is parametrised around a starting format (round-to-nearest or GPTQ):
+
+    s = s₀ · γ                     γ per group, learnable, kept in [1 - r, 1 + r]
+    z = z₀ + δ                     δ per group (code units), learnable, kept in [-d, d]; fixed if symmetric
+    q = clamp(⌊w / s + z + v⌉, 0, maxq)    v per weight, learnable, kept in [-½, ½]
+    ŵ = (q - z) · s
+
+``⌊·⌉`` passes gradients straight through (straight-through estimator), so the block's output error
+can move ``v`` (which way each weight rounds) and ``γ, δ`` (each group's range) jointly for all
+layers of a block; the pipeline runs the optimisation (:func:`lowbit.pipeline.refine_block`).
+Starting from GPTQ, ``v`` is set so that the rounding reproduces GPTQ's codes wherever they lie
+within half a step of ``w / s₀ + z₀``.
+
+The result is an ordinary :class:`~lowbit.formats.GroupedInt` (codes, fp16 scale and zero): no
+new storage and no extra bits. Outlier positions (if any) are kept exactly and excluded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.formats import (
+    GroupedInt,
+    OutlierFormat,
+    QuantSpec,
+    WeightFormat,
+    expand_groups,
+)
+
+_FP16_TINY = 6.2e-5
+
+
+def _ste_round(x: Tensor) -> Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+@dataclass(frozen=True)
+class LearnedSpec:
+    """How a block's rounding and ranges are learned (recipe key ``learned``)."""
+
+    iters: int = 200               # optimisation steps per block
+    lr: float = 0.0                # signed-gradient step; 0 = 1 / iters (AutoRound's default)
+    batch: int = 8                 # calibration windows per step
+    scale_range: float = 0.5       # γ ∈ [1 - r, 1 + r]
+    zero_range: float = 1.0        # δ ∈ [-d, d] code units
+    target: str = "fp"             # "fp": the full-precision model's block outputs (fp inputs); "block": the fp block on the quantized inputs
+    seed: int = 0
+
+    def __post_init__(self):
+        from lowbit.errors import RecipeError
+
+        for k in ("iters", "batch"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise RecipeError(f"learned.{k}={v!r} must be a positive integer")
+        for k in ("lr", "scale_range", "zero_range"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise RecipeError(f"learned.{k}={v!r} must be a non-negative number")
+        if not 0 <= self.scale_range < 1:
+            raise RecipeError(f"learned.scale_range={self.scale_range!r} must be in [0, 1)")
+        if self.target not in ("fp", "block"):
+            raise RecipeError(f"learned.target={self.target!r} must be 'fp' or 'block'")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise RecipeError(f"learned.seed={self.seed!r} must be an integer")
+
+    @property
+    def step(self) -> float:
+        return self.lr if self.lr > 0 else 1.0 / self.iters
+
+
+class LearnedWeight(nn.Module):
+    """The learnable quantized version of one weight (out, in), started from ``init`` (GroupedInt or outliers)."""
+
+    def __init__(self, weight: Tensor, init: WeightFormat, spec: QuantSpec, learned: LearnedSpec):
+        super().__init__()
+        base = init.base if isinstance(init, OutlierFormat) else init
+        if not isinstance(base, GroupedInt):
+            raise TypeError(f"learned rounding starts from a grouped_int format, not {type(base).__name__}")
+        self.spec, self.learned = spec, learned
+        self.outliers = init if isinstance(init, OutlierFormat) else None
+        w = weight.detach().float()
+        self.register_buffer("w", w)
+        self.register_buffer("s0", base.scale.float())
+        self.register_buffer("z0", base.zero_points().float())
+        in_f = w.shape[1]
+        self.register_buffer("gidx", torch.arange(in_f) // spec.group_width(in_f))
+        mask = None
+        if self.outliers is not None:
+            mask = torch.zeros_like(w, dtype=torch.bool)
+            rows = self.outliers.rows()
+            mask[rows.long(), self.outliers.col.long()] = True
+        self.register_buffer("mask", mask)
+        # start so that rounding reproduces the starting codes where they are within half a step
+        x = w / self.s0[:, self.gidx] + self.z0[:, self.gidx]
+        v0 = (base.unpacked().float() - x).clamp(-0.5, 0.5)
+        self.v = nn.Parameter(v0)
+        self.gamma = nn.Parameter(torch.ones_like(self.s0))
+        self.delta = nn.Parameter(torch.zeros_like(self.z0), requires_grad=not spec.symmetric)
+
+    def _params(self) -> tuple[Tensor, Tensor]:
+        s = (self.s0 * self.gamma).clamp(min=_FP16_TINY)
+        z = self.z0 + self.delta
+        return s, z
+
+    def forward(self) -> Tensor:
+        """The fake-quantized weight (out, in), differentiable in v, γ, δ."""
+        s, z = self._params()
+        s, z = s[:, self.gidx], z[:, self.gidx]
+        q = torch.clamp(_ste_round(self.w / s + z + self.v), 0, self.spec.maxq)
+        w_hat = (q - z) * s
+        if self.mask is not None:
+            w_hat = torch.where(self.mask, self.w, w_hat)
+        return w_hat
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Keep every parameter in its allowed range (after each step)."""
+        r, d = self.learned.scale_range, self.learned.zero_range
+        self.v.clamp_(-0.5, 0.5)
+        self.gamma.clamp_(1 - r, 1 + r)
+        self.delta.clamp_(-d, d)
+
+    @torch.no_grad()
+    def to_format(self) -> WeightFormat:
+        """The stored format: codes from the learned rounding with the fp16 scale and zero actually stored."""
+        s, z = self._params()
+        scale = s.half()
+        zero = z.half()
+        sf = expand_groups(scale.float(), self.spec, self.w.shape[1])
+        zf = expand_groups(zero.float(), self.spec, self.w.shape[1])
+        q = torch.round(self.w / sf + zf + self.v).clamp_(0, self.spec.maxq).to(torch.uint8)
+        base = GroupedInt.pack(q, scale, None if self.spec.symmetric else zero, self.spec)
+        if self.outliers is None:
+            return base
+        return OutlierFormat.from_mask(base, self.mask, self.w)
+
+
+__all__ = ["LearnedSpec", "LearnedWeight"]

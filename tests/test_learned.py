@@ -1,0 +1,131 @@
+"""Block-wise learned rounding and ranges (AutoRound-style signed gradient descent)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, VOCAB, assert_save_reload_generate, tiny_model
+
+from lowbit.errors import RecipeError
+from lowbit.formats import QuantSpec
+from lowbit.models.adapters import get_adapter
+from lowbit.pipeline import (
+    capture_block_inputs,
+    quantize_block,
+    quantize_model,
+    run_block,
+)
+from lowbit.quantizers import get_method, gptq, rtn
+from lowbit.quantizers.learned import LearnedSpec, LearnedWeight
+from lowbit.quantizers.outliers import with_outliers
+from lowbit.recipe import PRESETS, Recipe
+
+
+def _ids(n=8, t=32, seed=2):
+    return torch.randint(3, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _block_error(method: str, learned: dict | None, seed: int = 0) -> float:
+    """MSE of block 1's output (quantized) against the full-precision block on the same inputs."""
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    inputs = capture_block_inputs(model, adapter, _ids(), batch_size=4)
+    block0 = adapter.blocks(model)[0][1]
+    inputs = run_block(block0, inputs)                      # correlated inputs: a real block's outputs
+    name, block = adapter.blocks(model)[1]
+    targets = run_block(block, inputs)
+    recipe = Recipe(method=method, bits=2, group_size=32, learned=learned, calibration={"dtype": "float32"})
+    quantize_block(name, block, adapter, get_method(method), recipe, inputs, targets, seed=seed)
+    out = run_block(block, inputs)
+    return sum(float((o.hidden - t.hidden).pow(2).mean()) for o, t in zip(out, targets))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_learned_lowers_block_error_from_the_same_start(method):
+    start = _block_error(method, None)
+    learned = _block_error(method, {"iters": 60, "batch": 2})
+    assert learned < 0.8 * start
+
+
+def test_learned_weight_stays_in_range_and_reproduces_its_start():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 80, generator=g)
+    x = torch.randn(512, 80, generator=g) @ torch.randn(80, 80, generator=g)
+    h = 2 * x.t() @ x / 512
+    spec = QuantSpec(3, 32, False)
+    init = gptq(w, h, spec)
+    lw = LearnedWeight(w, init, spec, LearnedSpec(iters=10))
+    # rounding reproduces GPTQ's codes wherever they are within half a step of w / s + z
+    assert (lw.to_format().unpacked() == init.unpacked()).float().mean() > 0.95
+    opt_params = [p for p in lw.parameters() if p.requires_grad]
+    for _ in range(20):
+        loss = (lw() @ x.t()).pow(2).mean()
+        loss.backward()
+        with torch.no_grad():
+            for p in opt_params:
+                p.sub_(0.3 * p.grad.sign())
+                p.grad = None
+        lw.project()
+    assert lw.v.abs().max() <= 0.5 and (lw.gamma - 1).abs().max() <= 0.5 and lw.delta.abs().max() <= 1.0
+    fmt = lw.to_format()
+    assert fmt.unpacked().max() <= spec.maxq
+    torch.testing.assert_close(fmt.dequantize(), lw().detach(), rtol=0, atol=2e-2 * w.abs().max().item())
+
+
+def test_learned_keeps_outliers_exact():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    spec = QuantSpec(2, 32, False)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    mask[3, 5] = mask[7, 60] = True
+    w[3, 5], w[7, 60] = 9.0, -7.0
+    init = with_outliers(w, mask, lambda dense: rtn(dense, spec), 32)
+    fmt = LearnedWeight(w, init, spec, LearnedSpec()).to_format()
+    dq = fmt.dequantize()
+    assert dq[3, 5] == 9.0 and dq[7, 60] == -7.0
+    assert fmt.nbytes() == init.nbytes()
+
+
+def test_same_seed_is_bit_identical_and_the_seed_matters():
+    def run(seed):
+        model = tiny_model("llama")
+        quantize_model(model, Recipe(method="rtn", bits=2, group_size=32, learned={"iters": 8, "batch": 2,
+                                                                                      "seed": seed}),
+                       _ids(), progress=False)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_learned_spec_is_validated():
+    with pytest.raises(RecipeError, match="iters"):
+        Recipe(method="rtn", learned={"iters": 0})
+    with pytest.raises(RecipeError, match="unknown learned key"):
+        Recipe(method="rtn", learned={"itres": 5})
+    with pytest.raises(RecipeError, match="target"):
+        Recipe(method="rtn", learned={"target": "x"})
+    r = Recipe.from_dict(Recipe(method="rtn", learned={"iters": 7}).to_dict())
+    assert r.learned == LearnedSpec(iters=7) and r.needs_calibration
+
+
+LEARNED_PRESETS = sorted(n for n in PRESETS if PRESETS[n].get("learned"))
+
+
+def test_learned_presets_exist():
+    assert {"ar-w4g128", "ar-w3g128", "ar-w2g64", "ar-w4g128-fast", "ar-w3g128-fast", "ar-w2g64-fast"} <= set(
+        LEARNED_PRESETS)
+    assert Recipe.preset("ar-w3g128").learned.iters == 200 and Recipe.preset("ar-w3g128-fast").learned.iters == 50
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("preset", LEARNED_PRESETS)
+def test_learned_presets_on_every_family(family, preset, tmp_path):
+    spec = copy.deepcopy(PRESETS[preset])
+    spec["learned"] = {**spec["learned"], "iters": 3, "batch": 2}         # the walk, not the optimisation
+    model = tiny_model(family)
+    ids = _ids(4, 16, seed=3)
+    report = quantize_model(model, Recipe.from_dict(spec, name=preset), _ids(4, 32), progress=False)
+    assert_save_reload_generate(model, report, ids, tmp_path / "ck")
