@@ -18,6 +18,18 @@ DOCUMENTED = {
     "gptq-w4g128": QuantSpec(4, 128, False),
     "gptq-w3g128": QuantSpec(3, 128, False),
     "gptq-w2g64": QuantSpec(2, 64, False),
+    "awq-w4g128": QuantSpec(4, 128, False),
+    "awq-w3g128": QuantSpec(3, 128, False),
+    "awq-w2g64": QuantSpec(2, 64, False),
+    "ar-w4g128": QuantSpec(4, 128, False),
+    "ar-w3g128": QuantSpec(3, 128, False),
+    "ar-w2g64": QuantSpec(2, 64, False),
+    "ar-w4g128-fast": QuantSpec(4, 128, False),
+    "ar-w3g128-fast": QuantSpec(3, 128, False),
+    "ar-w2g64-fast": QuantSpec(2, 64, False),
+    "best-w4": QuantSpec(4, 128, False),
+    "best-w3": QuantSpec(3, 128, False),
+    "best-w2": QuantSpec(2, 64, False),
 }
 
 
@@ -35,9 +47,14 @@ def test_preset_builds_with_documented_spec(name):
     assert r.spec == DOCUMENTED[name]
     assert (r.bits, r.group_size, r.symmetric) == (DOCUMENTED[name].bits, DOCUMENTED[name].group_size,
                                                    DOCUMENTED[name].symmetric)
-    if name.startswith("gptq-"):
-        assert r.method == "gptq" and r.needs_calibration
+    if name.startswith(("gptq-", "awq-", "ar-", "best-")):
+        assert r.needs_calibration
         assert (r.calibration.windows, r.calibration.seqlen, r.calibration.corpus) == (128, 512, "owt")
+        assert (r.method == "gptq") == name.startswith(("gptq-", "best-"))
+        assert (r.scaling == "awq") == name.startswith(("awq-", "best-"))
+        assert (r.learned is not None) == name.startswith("ar-")
+        if name.startswith("ar-"):
+            assert r.learned.iters == (50 if name.endswith("-fast") else 200)
     else:
         assert r.method == "rtn" and r.options == {}
         assert not r.needs_calibration

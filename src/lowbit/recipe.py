@@ -235,4 +235,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # learned rounding and ranges against each block's full-precision output (AutoRound-style)
     **{f"ar-w{b}g{g}{suffix}": dict(method="rtn", bits=b, group_size=g, learned={"iters": iters})
        for b, g in ((4, 128), (3, 128), (2, 64)) for suffix, iters in (("", 200), ("-fast", 50))},
+    # the best combination measured so far at each width (README "Recipes"): activation-aware
+    # scaling, then GPTQ with group ranges fitted by output-error clipping
+    **{f"best-w{b}": dict(method="gptq", bits=b, group_size=g, scaling="awq", options={"clip": "output"})
+       for b, g in ((4, 128), (3, 128), (2, 64))},
 }

@@ -29,11 +29,12 @@ log = logging.getLogger("lowbit.gptq")
 
 
 def damped_inverse_cholesky(h: Tensor, damp: float, name: str = "") -> Tensor:
-    """Upper Cholesky factor of ``(H + λ I)⁻¹``; λ starts at ``damp · mean(diag H)`` and grows ×10 until it factors."""
+    """Upper Cholesky factor of ``(H + λ I)⁻¹``; λ starts at ``damp · mean(diag H)`` and doubles until it factors
+    (in small steps: every doubling blurs the Hessian a little more)."""
     mean_diag = h.diagonal().mean().item()
     eye = torch.eye(h.shape[0], dtype=h.dtype)
-    for attempt in range(8):
-        lam = (damp if attempt == 0 else max(damp, 1e-5) * 10 ** attempt) * mean_diag
+    for attempt in range(24):
+        lam = (damp if attempt == 0 else max(damp, 1e-5) * 2 ** attempt) * mean_diag
         chol, info = torch.linalg.cholesky_ex(h + lam * eye)
         if info.item() == 0:
             if attempt:
