@@ -8,7 +8,20 @@ kernel      formats                                       how
 reference   every format                                  dequantize to fp32 for the call, ``F.linear``
 aten_int4   4-bit, group 32/64/128/256 dividing in        ``torch.ops.aten._weight_int4pack_mm_for_cpu``
 aten_int8   8-bit per channel (symmetric or asymmetric)   ``torch.ops.aten._weight_int8pack_mm``
+fused       grouped_int 2/3/4/8-bit, any group size       lowbit's C++ extension (``torch.ops.lowbit``,
+            (ragged last group, per channel), CPU         :mod:`lowbit.kernels._ext`): up to 8 rows (16
+                                                          with AVX-512) a GEMV decoding each group's
+                                                          codes in registers (AVX-512 / AVX2 / scalar,
+                                                          chosen at run time); more rows dequantize a
+                                                          small tile at a time into a register-blocked
+                                                          FMA microkernel
 ==========  ============================================  ===========================================
+
+``fused`` compiles on first use into lowbit's cache (see :mod:`lowbit.kernels._ext`); where that is
+impossible it warns once and computes like ``reference`` (and the automatic choice leaves it out).
+``LOWBIT_NO_EXT=1`` removes it from the candidates altogether (``LOWBIT_KERNEL=fused`` then runs
+``reference``).  :func:`fused_info` says which instruction-set path runs (``LOWBIT_ISA=avx2`` forces a
+lower one).
 
 Which is fastest depends on the shape and the number of rows of ``x`` (at batch 1 on small
 CPUs the aten kernels can lose to a dequantize + fp32 matmul), so the first call for a
@@ -38,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lowbit.formats import GroupedInt, OutlierFormat, WeightFormat
+from lowbit.kernels import _ext
 
 log = logging.getLogger("lowbit.kernels")
 
@@ -47,12 +61,18 @@ KERNELS: dict[str, "Kernel"] = {}
 class Kernel(ABC):
     name: str
 
-    def __init_subclass__(cls, **kw):
+    def __init_subclass__(cls, register: bool = True, **kw):
         super().__init_subclass__(**kw)
-        KERNELS[cls.name] = cls()
+        if register:
+            KERNELS[cls.name] = cls()
 
     @abstractmethod
     def supports(self, fmt: WeightFormat) -> bool: ...
+
+    def available(self) -> bool:
+        """False when the kernel would only stand in for another (e.g. its extension could not be built):
+        the automatic choice then leaves it out; forcing it still works."""
+        return True
 
     def prepare(self, fmt: WeightFormat) -> Any:
         """Per-layer state built once (e.g. repacked codes); ``None`` when the kernel needs none."""
@@ -118,6 +138,42 @@ class AtenInt8(Kernel):
         return y
 
 
+class Fused(Kernel, register=False):
+    """lowbit's C++ fused dequantize-and-multiply for :class:`GroupedInt` on the CPU (:mod:`lowbit.kernels._ext`).
+
+    The plan holds the codes repacked into the kernel's layout (same bytes as stored; for 8 bits the
+    stored tensor itself) and the fp16 scales/zeros -- no dequantized weight.  Where the extension is
+    unavailable, or ``x`` needs a gradient (the C++ ops have no backward), it computes like ``reference``.
+    """
+
+    name = "fused"
+
+    def supports(self, fmt):
+        return isinstance(fmt, GroupedInt) and fmt.codes.device.type == "cpu" and min(fmt.shape) >= 1
+
+    def available(self):
+        return _ext.available()
+
+    def prepare(self, fmt):
+        return _ext.prepare(fmt) if _ext.available() else None
+
+    def run(self, x, fmt, state):
+        if state is None or (x.requires_grad and torch.is_grad_enabled()):
+            return F.linear(x, fmt.dequantize(x.dtype))
+        return _ext.linear(x if x.dtype == torch.float32 else x.float(), state)
+
+
+# LOWBIT_NO_EXT=1 leaves the kernel out entirely (LOWBIT_KERNEL=fused then means reference)
+if not _ext.disabled():
+    KERNELS[Fused.name] = Fused()
+
+
+def fused_info() -> dict:
+    """Which path the ``fused`` kernel runs here (see :func:`lowbit.kernels._ext.fused_info`):
+    ``{"available": bool, "isa": "avx512" | "avx2" | "scalar" | None, "cpu_isa": ..., "isas": [...], ...}``."""
+    return _ext.fused_info()
+
+
 _CHOICE: dict[tuple, str] = {}
 
 
@@ -127,7 +183,7 @@ def _row_bucket(m: int) -> int:
 
 def _forced() -> str | None:
     name = os.environ.get("LOWBIT_KERNEL")
-    if name and name not in KERNELS:
+    if name and name not in KERNELS and name != Fused.name:
         from lowbit.errors import LowbitError
 
         raise LowbitError(f"LOWBIT_KERNEL={name!r} unknown; known: {', '.join(sorted(KERNELS))}")
@@ -146,10 +202,11 @@ def _time(kernel: Kernel, x: Tensor, fmt: WeightFormat, state: Any, reps: int = 
 
 def choose(fmt: WeightFormat, m: int, plans: dict) -> Kernel:
     """The kernel for ``fmt`` at ``m`` rows: forced, remembered, or timed now on this layer."""
-    candidates = [k for k in KERNELS.values() if k.supports(fmt)]
     forced = _forced()
     if forced:
-        return KERNELS[forced] if KERNELS[forced].supports(fmt) else KERNELS["reference"]
+        kernel = KERNELS.get(forced)
+        return kernel if kernel is not None and kernel.supports(fmt) else KERNELS["reference"]
+    candidates = [k for k in KERNELS.values() if k.supports(fmt) and k.available()]
     if len(candidates) == 1:
         return candidates[0]
     key = (tuple(sorted(fmt.meta().items(), key=str)).__repr__(), _row_bucket(m))
@@ -218,4 +275,5 @@ def sparse_outliers(x: Tensor, fmt: OutlierFormat, plans: dict) -> Tensor:
             warnings.simplefilter("ignore", UserWarning)                   # "sparse CSR support is in beta"
             plans[_OUTLIER_PLAN] = torch.sparse_csr_tensor(
                 fmt.row_ptr, fmt.col.to(torch.int32), fmt.corrections(), (out_f, in_f), check_invariants=False)
-    return (plans[_OUTLIER_PLAN] @ x.t()).t()                              # (out, m) -> (m, out)
+    with torch.autocast("cpu", enabled=False):                             # no bf16 sparse matmul on CPU
+        return (plans[_OUTLIER_PLAN] @ x.float().t()).t()                  # (out, m) -> (m, out)

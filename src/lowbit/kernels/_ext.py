@@ -1,0 +1,353 @@
+"""Build, load and call lowbit's fused C++ CPU kernels (``torch.ops.lowbit.*``).
+
+The sources in ``csrc/`` are compiled on first use with :func:`torch.utils.cpp_extension.load` against
+the installed PyTorch into ``lowbit.cache.cache_dir() / "ext" / <key>``; the key holds the torch and
+Python versions, the CPU feature level the flags were chosen for, and a hash of the sources and flags,
+so a changed source, flag or PyTorch gets a fresh build and machines sharing a cache never load a
+library built for a CPU they lack.  An ``fcntl`` lock beside the build directory keeps two processes
+from compiling at once; the second waits and loads what the first built.  Build output stays quiet
+unless the build fails.
+
+Where the build fails (no compiler, no ninja, an unsupported platform) lowbit logs ONE warning and the
+``fused`` kernel computes with the reference kernel instead; ``LOWBIT_NO_EXT=1`` skips the extension
+entirely (no build, no warning).  ``LOWBIT_ISA=avx512|avx2|scalar`` forces a lower instruction-set
+path than the CPU offers (``auto``, the default, takes the best); :func:`fused_info` reports which runs.
+
+Flags: ``-O3`` plus, where the building CPU has AVX2/FMA/F16C, the x86 baseline ``-mavx2 -mfma -mf16c``
+(never ``-march=native``).  ``cpp_extension.load`` passes one set of flags to every source, so the AVX2
+and AVX-512 translation units raise their own target with ``#pragma GCC target`` (equivalent to
+``-mavx2 -mfma -mf16c`` and ``-mavx512f -mavx512bw -mavx512vl``); the library picks a path at run time
+with ``__builtin_cpu_supports``.  ``-fopenmp`` makes ``at::parallel_for`` use PyTorch's OpenMP pool
+(the one ``torch.set_num_threads`` sets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import re
+import shutil
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import LowbitError, ShapeError
+
+log = logging.getLogger("lowbit.kernels")
+
+NAME = "lowbit_fused"
+CSRC = Path(__file__).resolve().with_name("csrc")
+SOURCES = ("fused_ops.cpp", "fused_scalar.cpp", "fused_avx2.cpp", "fused_avx512.cpp")
+HEADERS = ("fused_common.h",)
+ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+ISA_NAMES = {1: "scalar", 2: "avx2", 3: "avx512"}
+_BUILD_VERSION = 1                       # bump to force a rebuild without a source change
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "ok": False, "reason": None, "build_dir": None, "library": None}
+
+
+# -- build ------------------------------------------------------------------------------------------
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    cap = torch.backends.cpu.get_cpu_capability().upper()           # "AVX512", "AVX2", "DEFAULT", ...
+    return {"avx2", "fma", "f16c"} | ({"avx512f", "avx512bw", "avx512vl"} if cap.startswith("AVX512") else set())
+
+
+def feature_level() -> str:
+    """The CPU feature level the build is compiled for: ``avx512``, ``avx2``, ``x86-64`` or ``<arch>``."""
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        return machine or "unknown"
+    flags = _cpu_flags()
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return "x86-64"
+    return "avx512" if {"avx512f", "avx512bw", "avx512vl"} <= flags else "avx2"
+
+
+def _openmp() -> bool:
+    return sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
+
+
+def build_flags(level: str | None = None) -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) for ``level`` (default: this machine's)."""
+    level = level or feature_level()
+    cflags = ["-O3", "-DNDEBUG"]
+    if level in ("avx2", "avx512"):
+        cflags += ["-mavx2", "-mfma", "-mf16c"]
+    ldflags = []
+    if _openmp():
+        cflags.append("-fopenmp")
+        ldflags += _openmp_link()
+    return cflags, ldflags
+
+
+def _openmp_link() -> list[str]:
+    """Link the OpenMP runtime PyTorch itself loaded (a wheel may bundle its own libgomp, possibly under a
+    hashed name): a second runtime would keep its own thread pool and ignore ``torch.set_num_threads``."""
+    lib = Path(torch.__file__).resolve().parent / "lib"
+    bundled = sorted(lib.glob("libgomp*.so*"))
+    if bundled:
+        return [str(bundled[0]), f"-Wl,-rpath,{lib}"]
+    return ["-fopenmp"]
+
+
+def build_key() -> str:
+    level = feature_level()
+    cflags, ldflags = build_flags(level)
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode() + b"\0" + (CSRC / name).read_bytes() + b"\0")
+    h.update(repr((cflags, ldflags, os.environ.get("CXX", "c++"), _BUILD_VERSION)).encode())
+    torch_v = torch.__version__.replace("+", "_")
+    return f"{NAME}-torch{torch_v}-py{sys.version_info[0]}{sys.version_info[1]}-{level}-{h.hexdigest()[:16]}"
+
+
+def build_dir() -> Path:
+    from lowbit.cache import cache_dir
+
+    return cache_dir() / "ext" / build_key()
+
+
+def _compile(directory: Path) -> str:
+    """Compile into ``directory`` (caller holds the lock); returns the library path.  Quiet unless it fails."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler: {compiler!r} not found (install g++ or clang++, or set CXX)")
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja not found (pip install ninja)")
+    cflags, ldflags = build_flags()
+    t0 = time.perf_counter()
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    old_level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path = cpp_extension.load(
+                name=NAME, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=cflags, extra_ldflags=ldflags,
+                extra_include_paths=[str(CSRC)], build_directory=str(directory), verbose=False,
+                is_python_module=False)
+    finally:
+        cpp_logger.setLevel(old_level)
+    for w in caught:
+        log.debug("cpp_extension: %s", w.message)
+    log.info("built lowbit's fused CPU kernels in %.0f s into %s", time.perf_counter() - t0, directory)
+    return str(path)
+
+
+def _cached(directory: Path) -> Path | None:
+    """The library a finished build left in ``directory`` (its name is in the ``built`` marker), if any."""
+    try:
+        name = (directory / "built").read_text().strip()
+    except OSError:
+        return None
+    lib = directory / name
+    return lib if name and lib.is_file() else None
+
+
+def _build_and_load() -> str:
+    """Load the library for this machine's key, compiling it first (under a file lock) if needed."""
+    if sys.platform == "win32":
+        raise RuntimeError("the fused kernels are built with gcc/clang on Linux or macOS; Windows is not supported")
+    import fcntl
+
+    from lowbit.cache import atomic_file
+
+    directory = build_dir()
+    lib = _cached(directory)
+    if lib is not None:
+        try:
+            torch.ops.load_library(str(lib))
+            return str(lib)
+        except OSError as e:                                             # rebuilt below, under the lock
+            log.debug("cached fused kernels %s failed to load: %s", lib, e)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f"{directory.name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            lib = _cached(directory)
+            if lib is not None:                                          # another process built it meanwhile
+                try:
+                    torch.ops.load_library(str(lib))
+                    return str(lib)
+                except OSError:
+                    lib.unlink(missing_ok=True)
+                    (directory / "built").unlink(missing_ok=True)
+            path = _compile(directory)                                   # also loads it
+            with atomic_file(directory / "built") as tmp:
+                tmp.write_text(Path(path).name + "\n")
+            return path
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations so torch.compile / FakeTensor tracing can see through the ops."""
+
+    @torch.library.register_fake("lowbit::grouped_linear")
+    def _linear_fake(x, codes, scale, zero, bits, group_size, in_features, isa=0, mode=0):
+        torch._check(x.dim() == 2 and codes.dim() == 2, lambda: "lowbit::grouped_linear: x and codes must be 2-D")
+        return x.new_empty((x.shape[0], codes.shape[0]))
+
+    @torch.library.register_fake("lowbit::grouped_repack")
+    def _repack_fake(codes, bits, in_features):
+        return torch.empty_like(codes, memory_format=torch.contiguous_format)
+
+
+def _failure_reason(text: str) -> str:
+    """One line out of a build log: the first compiler/shell/linker complaint, else the first line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    head = lines[0] if lines else text
+    pattern = re.compile(r"error|not found|no such file|fatal|undefined reference|cannot|unrecognized", re.IGNORECASE)
+    detail = next((ln for ln in lines[1:] if pattern.search(ln) and not ln.startswith(("[", "FAILED", "ninja:"))
+                   and len(ln) < 400), None)
+    if head.startswith("Error building extension") and detail:
+        head = f"{head.split(':')[0]}: {detail}"
+    return head[:300]
+
+
+def disabled() -> bool:
+    return os.environ.get("LOWBIT_NO_EXT", "").strip() not in ("", "0")
+
+
+def available() -> bool:
+    """True when the extension is loaded (building it on first call); never raises."""
+    if _state["tried"]:
+        return _state["ok"]
+    with _lock:
+        if _state["tried"]:
+            return _state["ok"]
+        if disabled():
+            _state.update(tried=True, ok=False, reason="disabled by LOWBIT_NO_EXT=1")
+            log.info("lowbit: fused CPU kernels disabled by LOWBIT_NO_EXT=1")
+            return False
+        try:
+            _state["build_dir"] = str(build_dir())
+            _state["library"] = _build_and_load()
+            _register_fakes()
+            _state.update(ok=True, reason=None)
+        except Exception as e:                                          # noqa: BLE001 - any failure: fall back
+            text = str(e).strip() or type(e).__name__
+            _state.update(ok=False, reason=_failure_reason(text))
+            log.debug("fused kernel build/load failed:\n%s", text)
+            # warn_explicit with no source file: one line on stderr, not two
+            warnings.warn_explicit(f"lowbit: fused CPU kernels unavailable, using the reference kernel instead "
+                                   f"({_state['reason']}; LOWBIT_NO_EXT=1 silences this)", RuntimeWarning,
+                                   filename="lowbit.kernels", lineno=0, module="lowbit.kernels")
+        _state["tried"] = True
+        return _state["ok"]
+
+
+# -- calling ----------------------------------------------------------------------------------------
+_isa_seen: tuple = (None, 0)                   # (raw LOWBIT_ISA, parsed): read on every call, parsed once
+
+
+def requested_isa() -> int:
+    """``LOWBIT_ISA`` as the ops' isa argument (0 = best the CPU has)."""
+    global _isa_seen
+    raw = os.environ.get("LOWBIT_ISA")
+    if raw == _isa_seen[0]:
+        return _isa_seen[1]
+    value = (raw or "").strip().lower()
+    if value and value not in ISA_CODES:
+        raise LowbitError(f"LOWBIT_ISA={value!r} unknown; use one of {', '.join(ISA_CODES)}")
+    _isa_seen = (raw, ISA_CODES[value] if value else 0)
+    return _isa_seen[1]
+
+
+def fused_info() -> dict:
+    """Which fused CPU path runs here: ``isa`` ('avx512', 'avx2', 'scalar'; None when unavailable),
+    the CPU's best (``cpu_isa``), all paths this CPU can run (``isas``), and why it is unavailable."""
+    ok = available()
+    info = {"available": ok, "isa": None, "cpu_isa": None, "isas": [], "requested": os.environ.get("LOWBIT_ISA") or "auto",
+            "feature_level": feature_level(), "build_dir": _state["build_dir"], "reason": _state["reason"]}
+    if ok:
+        best = int(torch.ops.lowbit.fused_cpu_isa(0))
+        info["cpu_isa"] = ISA_NAMES[best]
+        info["isas"] = [ISA_NAMES[i] for i in sorted(ISA_NAMES) if i <= best]
+        info["isa"] = ISA_NAMES[int(torch.ops.lowbit.fused_cpu_isa(requested_isa()))]
+    return info
+
+
+def _shape_error(e: Exception) -> ShapeError:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    return ShapeError(msg)
+
+
+@dataclass(eq=False)
+class FusedPlan:
+    """Per-layer state: the codes in the kernel layout (same bytes as stored; the stored tensor itself for
+    8 bits) and references to the fp16 scales/zeros.  Never a dequantized weight."""
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor | None
+    bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+
+
+def describe(fmt) -> str:
+    out_f, in_f = fmt.shape
+    spec = fmt.spec
+    return (f"{out_f}x{in_f} grouped_int layer ({spec.bits}-bit, group {spec.group_size}, "
+            f"{'symmetric' if spec.symmetric else 'asymmetric'})")
+
+
+def check_format(fmt) -> None:
+    """The format's tensors have the shapes and dtypes its spec implies; else ShapeError naming the layer."""
+    out_f, in_f = fmt.shape
+    spec = fmt.spec
+    g = spec.n_groups(in_f)
+    want = {"codes": ((out_f, -(-in_f * spec.bits // 8)), torch.uint8), "scale": ((out_f, g), torch.float16)}
+    if not spec.symmetric:
+        want["zero"] = ((out_f, g), torch.float16)
+    elif fmt.zero is not None:
+        raise ShapeError(f"fused kernel: the symmetric {describe(fmt)} must store no zero points")
+    for name, (shape, dtype) in want.items():
+        t = getattr(fmt, name)
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
+            got = "nothing" if not isinstance(t, Tensor) else f"{t.dtype} {tuple(t.shape)}"
+            raise ShapeError(f"fused kernel: {name} of the {describe(fmt)} must be {dtype} {shape}, got {got}; "
+                             f"the packed tensors are corrupt or belong to another layer")
+
+
+def prepare(fmt) -> FusedPlan:
+    check_format(fmt)
+    out_f, in_f = fmt.shape
+    bits = fmt.spec.bits
+    codes = fmt.codes.contiguous()
+    if bits != 8:
+        try:
+            codes = torch.ops.lowbit.grouped_repack(codes, bits, in_f)
+        except ValueError as e:
+            raise _shape_error(e) from None
+    zero = None if fmt.zero is None else fmt.zero.contiguous()
+    return FusedPlan(codes, fmt.scale.contiguous(), zero, bits, fmt.spec.group_size, in_f, out_f)
+
+
+def linear(x: Tensor, plan: FusedPlan, mode: int = 0, isa: int | None = None) -> Tensor:
+    """``x @ W.T`` (fp32) for x (m, in) fp32 on the CPU.  mode: 0 auto, 1 GEMV, 2 tiled."""
+    try:
+        return torch.ops.lowbit.grouped_linear(x, plan.codes, plan.scale, plan.zero, plan.bits, plan.group_size,
+                                               plan.in_features, requested_isa() if isa is None else isa, mode)
+    except ValueError as e:
+        raise _shape_error(e) from None

@@ -1,0 +1,185 @@
+// Shared by every translation unit of lowbit's fused grouped_int CPU kernels.
+//
+// No torch headers here: the ISA translation units (fused_avx2.cpp, fused_avx512.cpp) include only
+// this file and <immintrin.h>, and every function below has internal linkage (static), so no inline
+// function compiled for AVX-512 can be picked by the linker for code that runs on an AVX2 machine.
+//
+// Kernel layout of a row of codes (built once per layer by repack_row, same byte count as the stored
+// row): the first P = 64 * floor(in / 64) columns are stored in blocks, the remaining in - P columns are
+// the stored little-endian bit stream itself (it starts on a byte boundary).  "Vector v" is the 16
+// consecutive columns 16v .. 16v+15; in every layout below, lane l (0..15) of one aligned load holds
+// column 16v + l at a fixed shift, so a vector decodes with one shift per lane.
+//
+//   bits  block           layout
+//     8   16 cols, 16 B   byte l = column l (the stored layout: nothing to repack)
+//     4   128 cols, 64 B  16 little-endian 32-bit lanes; nibble j (bits 4j..4j+3) of lane l holds
+//                         column 16j + l.  When P % 128 == 64 the last 64 columns form a half block of
+//                         32 B: 16 16-bit lanes, nibble j (0..3) of lane l holds column 16j + l.
+//     2   64 cols, 16 B   byte l, bits 2j..2j+1 hold column 16j + l (j = 0..3)
+//     3   64 cols, 24 B   bytes 0..15: the codes' low two bits as for 2 bits; bytes 16..23: a 64-bit
+//                         little-endian mask whose bit c is bit 2 of column c of the block
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+namespace lowbit_fused {
+
+enum Isa : int { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+
+struct Args {
+  const float* x;          // (m, in) fp32, row stride ldx
+  int64_t m, ldx;
+  const float* xsum;       // (m, G): sum of x over each group's columns below P (AVX2 path only)
+  const uint8_t* codes;    // (out, row_bytes) in the kernel layout above
+  int64_t row_bytes;
+  const uint16_t* scale;   // (out, G) fp16 bits
+  const uint16_t* zero;    // (out, G) fp16 bits, or nullptr: symmetric, zero = 2**(bits-1)
+  int bits;
+  int64_t in, out, gw, G;  // gw: columns per group (in for per-channel), G groups
+  int64_t P;               // columns held in blocks
+  float* y;                // (m, out) fp32, row stride ldy
+  int64_t ldy;
+};
+
+static inline int64_t block_bytes(int bits) { return 8 * bits; }   // per 64 columns
+static inline int64_t prefix_cols(int64_t in) { return in & ~int64_t(63); }
+
+// True when every 16-column vector of the block region lies inside one group.
+static inline bool vector_groups(const Args& a) { return a.G == 1 || a.gw % 16 == 0; }
+
+static inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);                    // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);           // normal
+  } else if (man == 0) {
+    bits = sign;                                                // zero
+  } else {                                                      // subnormal: normalise
+    int e = -1;
+    do { man <<= 1; ++e; } while (!(man & 0x400u));
+    bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline float zero_of(const Args& a, int64_t o, int64_t g) {
+  return a.zero ? half_to_float(a.zero[o * a.G + g]) : (float)(1 << (a.bits - 1));
+}
+static inline float scale_of(const Args& a, int64_t o, int64_t g) { return half_to_float(a.scale[o * a.G + g]); }
+
+// Code of column c of the stored little-endian bit stream `s` (c counted from the stream's start).
+static inline unsigned stream_code(const uint8_t* s, int64_t c, int bits, int64_t nbytes) {
+  const int64_t bit = c * bits, byte = bit >> 3;
+  unsigned w = s[byte];
+  if (byte + 1 < nbytes) w |= (unsigned)s[byte + 1] << 8;
+  return (w >> (bit & 7)) & ((1u << bits) - 1);
+}
+
+// Byte offset and shift of column c (< P) of a row in the kernel layout (3 bits: of its low two bits).
+static inline int64_t layout_pos(int64_t c, int bits, int64_t P, int* shift) {
+  if (bits == 8) {
+    *shift = 0;
+    return c;
+  }
+  const int l = (int)(c & 15);
+  if (bits == 4) {
+    const int64_t full = P & ~int64_t(127);
+    if (c < full) {                                   // 128-column block, 32-bit lanes
+      const int j = (int)((c & 127) >> 4);
+      *shift = 4 * (j & 1);
+      return (c >> 7) * 64 + 4 * l + (j >> 1);
+    }
+    const int j = (int)((c - full) >> 4);             // half block, 16-bit lanes
+    *shift = 4 * (j & 1);
+    return full / 2 + 2 * l + (j >> 1);
+  }
+  *shift = 2 * (int)((c & 63) >> 4);
+  return (c >> 6) * block_bytes(bits) + l;
+}
+
+// Code of column c of a row in the kernel layout.
+static inline unsigned layout_code(const uint8_t* row, int64_t c, int bits, int64_t P, int64_t row_bytes) {
+  if (c >= P) {
+    const int64_t off = P * bits / 8;
+    return stream_code(row + off, c - P, bits, row_bytes - off);
+  }
+  int sh;
+  const int64_t pos = layout_pos(c, bits, P, &sh);
+  if (bits != 3) return (row[pos] >> sh) & ((1u << bits) - 1);
+  const int64_t j = c & 63;
+  const unsigned hi = (row[(c >> 6) * 24 + 16 + (j >> 3)] >> (j & 7)) & 1u;
+  return ((row[pos] >> sh) & 3u) | (hi << 2);
+}
+
+// Stored row (bit stream of `in` codes, row_bytes bytes) -> kernel layout (same bytes).
+static inline void repack_row(const uint8_t* src, uint8_t* dst, int bits, int64_t in, int64_t row_bytes) {
+  const int64_t P = prefix_cols(in);
+  if (bits == 8) {
+    memcpy(dst, src, (size_t)row_bytes);
+    return;
+  }
+  const int64_t pre = P * bits / 8;
+  memset(dst, 0, (size_t)pre);
+  for (int64_t c = 0; c < P; ++c) {
+    const unsigned q = stream_code(src, c, bits, row_bytes);
+    int sh;
+    const int64_t pos = layout_pos(c, bits, P, &sh);
+    dst[pos] |= (uint8_t)((q & (bits == 3 ? 3u : 15u)) << sh);
+    if (bits == 3) {
+      const int64_t j = c & 63;
+      dst[(c >> 6) * 24 + 16 + (j >> 3)] |= (uint8_t)(((q >> 2) & 1u) << (j & 7));
+    }
+  }
+  memcpy(dst + pre, src + pre, (size_t)(row_bytes - pre));
+}
+
+// sum_{c in [c0, c1)} w[o, c] * x[r, c] for r < m, added to acc[r]; w computed exactly as the reference
+// dequantization does: (float(q) - z) * s in fp32.  Scalar; used for tails and irregular groups.
+static inline void scalar_dot(const Args& a, int64_t o, int64_t c0, int64_t c1, int64_t m, float* acc) {
+  const uint8_t* row = a.codes + o * a.row_bytes;
+  int64_t c = c0;
+  while (c < c1) {
+    const int64_t g = c / a.gw;
+    const int64_t ge = (g + 1) * a.gw < c1 ? (g + 1) * a.gw : c1;
+    const float s = scale_of(a, o, g), z = zero_of(a, o, g);
+    for (; c < ge; ++c) {
+      const float w = ((float)layout_code(row, c, a.bits, a.P, a.row_bytes) - z) * s;
+      for (int64_t r = 0; r < m; ++r) acc[r] += w * a.x[r * a.ldx + c];
+    }
+  }
+}
+
+static inline void scalar_dequant(const Args& a, int64_t o, int64_t c0, int64_t c1, float* w) {
+  const uint8_t* row = a.codes + o * a.row_bytes;
+  int64_t c = c0;
+  while (c < c1) {
+    const int64_t g = c / a.gw;
+    const int64_t ge = (g + 1) * a.gw < c1 ? (g + 1) * a.gw : c1;
+    const float s = scale_of(a, o, g), z = zero_of(a, o, g);
+    for (; c < ge; ++c) w[c] = ((float)layout_code(row, c, a.bits, a.P, a.row_bytes) - z) * s;
+  }
+}
+
+// Tiled path microkernels: y[r, i] = sum_k x[r, k] * w[i, k] for r < m, i < n, with x packed in panels
+// of PW rows (xp[p][k][j] = x[p * PW + j, k], zero beyond m) and w row-major (ldw = K) holding a
+// multiple of MR rows (rows >= n zero-filled).  Each output is one fp32 FMA chain over k in order.
+constexpr int kPw512 = 32, kMr512 = 12;
+constexpr int kPw256 = 16, kMr256 = 6;
+
+// Entry points of each ISA (rows [o0, o1)).  gemv: a.m <= 8, y[r, o] for those rows.  dequant: rows into
+// w (row-major, (o1 - o0) x in).  The AVX variants return false when they were not compiled in.
+void gemv_scalar(const Args& a, int64_t o0, int64_t o1);
+void dequant_scalar(const Args& a, int64_t o0, int64_t o1, float* w);
+bool gemv_avx2(const Args& a, int64_t o0, int64_t o1);
+bool dequant_avx2(const Args& a, int64_t o0, int64_t o1, float* w);
+bool gemv_avx512(const Args& a, int64_t o0, int64_t o1);
+bool dequant_avx512(const Args& a, int64_t o0, int64_t o1, float* w);
+bool gemm_avx2(const float* xp, int64_t m, int64_t K, const float* w, int64_t n, float* y, int64_t ldy);
+bool gemm_avx512(const float* xp, int64_t m, int64_t K, const float* w, int64_t n, float* y, int64_t ldy);
+
+}  // namespace lowbit_fused

@@ -1,0 +1,308 @@
+// torch.ops.lowbit.grouped_repack / grouped_linear / fused_cpu_isa: lowbit's fused dequantize-and-multiply
+// CPU kernels for the grouped_int format (see fused_common.h for the kernel layout of the codes).
+//
+//   m <= 8 rows of x ("GEMV"; 16 with AVX-512, in two passes):  every output row decodes its codes group
+//       by group in registers and multiplies them into m fp32 accumulators; no dequantized weight is
+//       written anywhere.  Rows are split over threads with at::parallel_for (honours
+//       torch.set_num_threads); each output element is computed by one thread in a fixed order, so
+//       results do not depend on the thread count.
+//   more rows ("tiled"):  a tile of output rows is dequantized into a small per-thread buffer
+//       (cache-resident, <= 128 KiB) and multiplied by a register-blocked FMA microkernel (12x32 on
+//       AVX-512, 6x16 on AVX2) against x packed once per call; tiles are split over threads.  Every
+//       output is one FMA chain over k in order, so this path is also thread-count independent.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <cstdlib>
+#include <memory>
+#include <sstream>
+#include <string>
+
+#include "fused_common.h"
+
+namespace lowbit_fused {
+namespace {
+
+int cpu_best_isa() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const int best = [] {
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl");
+    return avx512 ? (int)ISA_AVX512 : avx2 ? (int)ISA_AVX2 : (int)ISA_SCALAR;
+  }();
+  return best;
+#else
+  return ISA_SCALAR;
+#endif
+}
+
+int resolve_isa(int64_t requested) {
+  const int best = cpu_best_isa();
+  if (requested <= ISA_AUTO) return best;
+  return (int)std::min<int64_t>(requested, best);
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.scalar_type() << " (";
+  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
+  s << (t.dim() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+std::string layer_str(int64_t out, int64_t in, int64_t bits, int64_t group_size) {
+  std::ostringstream s;
+  s << "a " << out << "x" << in << " " << bits << "-bit layer";
+  if (group_size != 0) s << " (group " << group_size << ")";
+  return s.str();
+}
+
+// The layer description is only formatted when a check fails (TORCH_CHECK evaluates its message lazily).
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t d0, int64_t d1,
+                  int64_t out, int64_t in, int64_t bits, int64_t group_size) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "lowbit fused kernel: ", name, " of ", layer_str(out, in, bits, group_size),
+                    " must be on the CPU, got ", t.device());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == d0 && t.size(1) == d1 && t.scalar_type() == dtype,
+                    "lowbit fused kernel: ", name, " of ", layer_str(out, in, bits, group_size), " must be ", dtype,
+                    " (", d0, ", ", d1, "), got ", shape_str(t),
+                    "; the packed tensors are corrupt or belong to another layer");
+}
+
+struct Layer {
+  Args a;
+  at::Tensor codes, scale, zero;  // contiguous, kept alive for the call
+};
+
+Layer make_layer(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
+                 int64_t bits, int64_t group_size, int64_t in) {
+  TORCH_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 8, "lowbit fused kernel: bits=", bits,
+                    " unsupported (2, 3, 4 or 8)");
+  TORCH_CHECK_VALUE(in >= 1, "lowbit fused kernel: in_features=", in, " must be >= 1");
+  TORCH_CHECK_VALUE(group_size == -1 || group_size >= 1, "lowbit fused kernel: group_size=", group_size,
+                    " must be -1 or >= 1");
+  TORCH_CHECK_VALUE(codes.dim() == 2, "lowbit fused kernel: codes must be 2-D (out, bytes), got ", shape_str(codes));
+  const int64_t out = codes.size(0);
+  const int64_t gw = group_size == -1 ? in : std::min<int64_t>(group_size, in);
+  const int64_t G = (in + gw - 1) / gw;
+  const int64_t row_bytes = (in * bits + 7) / 8;
+  check_tensor(codes, "codes", at::kByte, out, row_bytes, out, in, bits, group_size);
+  check_tensor(scale, "scale", at::kHalf, out, G, out, in, bits, group_size);
+  if (zero.has_value()) check_tensor(*zero, "zero", at::kHalf, out, G, out, in, bits, group_size);
+
+  Layer L;
+  L.codes = codes.contiguous();
+  L.scale = scale.contiguous();
+  if (zero.has_value()) L.zero = zero->contiguous();
+  Args& a = L.a;
+  a.x = nullptr;
+  a.m = 0;
+  a.ldx = in;
+  a.xsum = nullptr;
+  a.codes = L.codes.data_ptr<uint8_t>();
+  a.row_bytes = row_bytes;
+  a.scale = reinterpret_cast<const uint16_t*>(L.scale.data_ptr<at::Half>());
+  a.zero = zero.has_value() ? reinterpret_cast<const uint16_t*>(L.zero.data_ptr<at::Half>()) : nullptr;
+  a.bits = (int)bits;
+  a.in = in;
+  a.out = out;
+  a.gw = gw;
+  a.G = G;
+  a.P = prefix_cols(in);
+  a.y = nullptr;
+  a.ldy = out;
+  return L;
+}
+
+// ---- ISA dispatch ------------------------------------------------------------------------------------
+
+void gemv_dispatch(const Args& a, int isa, int64_t o0, int64_t o1) {
+  if (vector_groups(a)) {
+    if (isa >= ISA_AVX512 && gemv_avx512(a, o0, o1)) return;
+    if (isa >= ISA_AVX2 && gemv_avx2(a, o0, o1)) return;
+  }
+  gemv_scalar(a, o0, o1);
+}
+
+void dequant_dispatch(const Args& a, int isa, int64_t o0, int64_t o1, float* w) {
+  if (vector_groups(a)) {
+    if (isa >= ISA_AVX512 && dequant_avx512(a, o0, o1, w)) return;
+    if (isa >= ISA_AVX2 && dequant_avx2(a, o0, o1, w)) return;
+  }
+  dequant_scalar(a, o0, o1, w);
+}
+
+// ---- paths -------------------------------------------------------------------------------------------
+
+struct AlignedFree {
+  void operator()(float* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<float, AlignedFree>;
+
+Buffer aligned_floats(int64_t n) {
+  const size_t bytes = ((size_t)n * sizeof(float) + 63) / 64 * 64;
+  Buffer b(static_cast<float*>(std::aligned_alloc(64, bytes ? bytes : 64)));
+  TORCH_CHECK(b, "lowbit fused kernel: out of memory (", bytes, " bytes)");
+  return b;
+}
+
+// Sum of x over each group's columns below P, (m, G): the AVX2 GEMV factors the scale out of a group.
+void group_sums(const Args& a, const float* x, int64_t m, float* xs) {
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t g = 0; g < a.G; ++g) {
+      const int64_t c0 = g * a.gw, c1 = std::min(std::min((g + 1) * a.gw, a.in), a.P);
+      float t = 0.f;
+      for (int64_t c = c0; c < c1; ++c) t += x[r * a.ldx + c];
+      xs[r * a.G + g] = t;
+    }
+}
+
+void run_gemv(Args a, int isa, const at::Tensor& x, at::Tensor& y) {
+  const int64_t m = x.size(0), out = a.out;
+  // at least ~64K weights per task (a few microseconds): tiny layers stay on the calling thread, where
+  // waking a second one costs more than it saves
+  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(a.in * std::min<int64_t>(m, 8), 1));
+  Buffer xs;
+  if (isa >= ISA_AVX2 && vector_groups(a)) {   // needed by the AVX2 GEMV; m * in additions
+    xs = aligned_floats(m * a.G);
+    group_sums(a, x.data_ptr<float>(), m, xs.get());
+  }
+  for (int64_t r0 = 0; r0 < m; r0 += 8) {
+    a.m = std::min<int64_t>(8, m - r0);
+    a.x = x.data_ptr<float>() + r0 * a.ldx;
+    a.xsum = xs ? xs.get() + r0 * a.G : nullptr;
+    a.y = y.data_ptr<float>() + r0 * a.ldy;
+    at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) { gemv_dispatch(a, isa, o0, o1); });
+  }
+}
+
+// Tiles of output rows: dequantize into a per-thread buffer of ~128 KiB, multiply with the ISA's
+// register-blocked microkernel against x packed once per call.  Without AVX2, at::mm per tile.
+void run_tiled(Args a, int isa, const at::Tensor& x, at::Tensor& y) {
+  const int64_t out = a.out, K = a.in, m = x.size(0);
+  const float* xd = x.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  if (isa < ISA_AVX2) {
+    const int64_t T = std::max<int64_t>(16, std::min<int64_t>(out, (int64_t(1) << 16) / std::max<int64_t>(K, 1)));
+    Buffer buf = aligned_floats(T * K);
+    for (int64_t o0 = 0; o0 < out; o0 += T) {
+      const int64_t n = std::min<int64_t>(T, out - o0);
+      at::parallel_for(o0, o0 + n, 4, [&](int64_t b, int64_t e) {
+        dequant_dispatch(a, isa, b, e, buf.get() + (b - o0) * K);
+      });
+      const at::Tensor w = at::from_blob(buf.get(), {n, K}, x.options());
+      at::Tensor yv = y.narrow(1, o0, n);
+      at::mm_out(yv, x, w.t());
+    }
+    return;
+  }
+  const int PW = isa >= ISA_AVX512 ? kPw512 : kPw256, MR = isa >= ISA_AVX512 ? kMr512 : kMr256;
+  const int64_t npan = (m + PW - 1) / PW;
+  Buffer xp = aligned_floats(npan * K * PW);
+  at::parallel_for(0, npan, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      float* dst = xp.get() + p * K * PW;
+      for (int64_t j = 0; j < PW; ++j) {
+        const int64_t r = p * PW + j;
+        if (r < m) {
+          const float* src = xd + r * K;
+          for (int64_t k = 0; k < K; ++k) dst[k * PW + j] = src[k];
+        } else {
+          for (int64_t k = 0; k < K; ++k) dst[k * PW + j] = 0.f;
+        }
+      }
+    }
+  });
+  const int64_t T = std::max<int64_t>(MR, ((int64_t(1) << 15) / std::max<int64_t>(K, 1)) / MR * MR);
+  const int64_t ntiles = (out + T - 1) / T;
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    Buffer buf = aligned_floats(T * K);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t o0 = t * T, n = std::min<int64_t>(T, out - o0);
+      const int64_t npad = (n + MR - 1) / MR * MR;
+      dequant_dispatch(a, isa, o0, o0 + n, buf.get());
+      if (npad > n) std::memset(buf.get() + n * K, 0, sizeof(float) * (size_t)((npad - n) * K));
+      if (isa >= ISA_AVX512)
+        gemm_avx512(xp.get(), m, K, buf.get(), n, yd + o0, a.ldy);
+      else
+        gemm_avx2(xp.get(), m, K, buf.get(), n, yd + o0, a.ldy);
+    }
+  });
+}
+
+// ---- ops ---------------------------------------------------------------------------------------------
+
+at::Tensor grouped_repack(const at::Tensor& codes, int64_t bits, int64_t in) {
+  TORCH_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 8, "lowbit fused kernel: bits=", bits,
+                    " unsupported (2, 3, 4 or 8)");
+  TORCH_CHECK_VALUE(codes.dim() == 2, "lowbit fused kernel: codes must be 2-D (out, bytes), got ", shape_str(codes));
+  const int64_t row_bytes = (in * bits + 7) / 8;
+  check_tensor(codes, "codes", at::kByte, codes.size(0), row_bytes, codes.size(0), in, bits, 0);
+  const at::Tensor src = codes.contiguous();
+  at::Tensor dst = at::empty_like(src, at::MemoryFormat::Contiguous);
+  const uint8_t* s = src.data_ptr<uint8_t>();
+  uint8_t* d = dst.data_ptr<uint8_t>();
+  at::parallel_for(0, src.size(0), 64, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) repack_row(s + o * row_bytes, d + o * row_bytes, (int)bits, in, row_bytes);
+  });
+  return dst;
+}
+
+// mode: 0 = automatic (GEMV for m <= 8, or 16 with AVX-512; tiled above), 1 = GEMV (any m, 8 rows of x
+// at a time), 2 = tiled.
+// isa: 0 = best this CPU has, 1 = scalar, 2 = AVX2, 3 = AVX-512 (clamped to what the CPU has).
+at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                          const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size,
+                          int64_t in_features, int64_t isa, int64_t mode) {
+  Layer L = make_layer(codes, scale, zero, bits, group_size, in_features);
+  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == in_features,
+                    "lowbit fused kernel: x must be float32 (rows, ", in_features, ") on the CPU for a ",
+                    L.a.out, "x", in_features, " layer, got ", shape_str(x));
+  const at::Tensor xc = x.contiguous();
+  const int64_t m = xc.size(0);
+  at::Tensor y = at::empty({m, L.a.out}, xc.options());
+  if (m == 0 || L.a.out == 0) return y.zero_();
+  const int use = resolve_isa(isa);
+  // GEMV up to 16 rows with AVX-512 (two passes of 8 still beat a 32-row tile), 8 otherwise
+  const bool tiled = mode == 2 || (mode == 0 && m > (use >= ISA_AVX512 ? 16 : 8));
+  if (tiled)
+    run_tiled(L.a, use, xc, y);
+  else
+    run_gemv(L.a, use, xc, y);
+  return y;
+}
+
+int64_t fused_cpu_isa(int64_t requested) { return resolve_isa(requested); }
+
+// How many threads at::parallel_for uses here for n tasks of one item each (it should follow
+// torch.set_num_threads: the library shares PyTorch's OpenMP runtime).
+int64_t fused_parallel_threads(int64_t n) {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, std::max<int64_t>(n, 1), 1, [&](int64_t, int64_t) {
+    seen.fetch_or(uint64_t(1) << (at::get_thread_num() & 63));
+  });
+  return (int64_t)__builtin_popcountll(seen.load());
+}
+
+}  // namespace
+}  // namespace lowbit_fused
+
+TORCH_LIBRARY_FRAGMENT(lowbit, m) {
+  m.def("grouped_repack(Tensor codes, int bits, int in_features) -> Tensor");
+  m.def(
+      "grouped_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int bits, int group_size, "
+      "int in_features, int isa=0, int mode=0) -> Tensor");
+  m.def("fused_cpu_isa(int requested=0) -> int", &lowbit_fused::fused_cpu_isa);
+  m.def("fused_parallel_threads(int n) -> int", &lowbit_fused::fused_parallel_threads);
+}
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("grouped_repack", &lowbit_fused::grouped_repack);
+  m.impl("grouped_linear", &lowbit_fused::grouped_linear);
+}
