@@ -49,8 +49,8 @@ def fetch(names: tuple[str, ...]) -> None:
 @app.command(epilog="Example: lowbit quantize smollm2-135m --recipe w3g128 -o out/smollm2-w3g128")
 @click.argument("source")
 @click.option("--recipe", "-r", default="w4g128", show_default=True,
-              help="Preset (w8, w4g128, w4g64, w3g128, w2g64, gptq-w4g128, gptq-w3g128, gptq-w2g64) "
-                   "or a YAML/JSON recipe file")
+              help="Preset (w8, w4g128, w4g64, w3g128, w2g64; gptq-, awq-, ar- with w4g128, w3g128, w2g64; "
+                   "ar-...-fast; best-w4, best-w3, best-w2: see the README's Recipes) or a YAML/JSON recipe file")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Checkpoint directory to write")
 @click.option("--force", is_flag=True, help="Replace an existing output directory")
 @click.option("--offload-dir", type=click.Path(path_type=Path),

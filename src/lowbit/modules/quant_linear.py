@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit import kernels
@@ -61,7 +62,11 @@ class QuantLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kw)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.float32:            # kernels take fp32 rows (bf16 under autocast, fp16/bf16 models)
+        if torch.is_autocast_enabled("cpu"):
+            # mixed-precision passes (the pipeline's bf16 calibration forwards): the weight in full, so
+            # that autocast runs the matmul in its low precision like every other layer's
+            return F.linear(x, self.fmt.dequantize(torch.float32), self.bias)
+        if x.dtype != torch.float32:            # kernels take fp32 rows (fp16/bf16 models)
             return kernels.linear(x.float(), self.fmt, self.bias, self._plans).to(x.dtype)
         return kernels.linear(x, self.fmt, self.bias, self._plans)
 
