@@ -100,6 +100,17 @@ def test_awq_search_protects_large_activation_channels():
     assert float(y_err) == pytest.approx(found.error_after, rel=1e-3)
 
 
+def test_awq_search_on_a_row_sample_picks_a_similar_alpha():
+    """Wide layers are searched on evenly spaced output rows; the choice stays close to the full search."""
+    x = _outlier_inputs()
+    h = _hessian(x)
+    w = torch.randn(600, 128, generator=torch.Generator().manual_seed(4))
+    spec = QuantSpec(3, 32, False)
+    full = awq_search(w, h, x.abs().mean(0), spec, grid=10, max_rows=10_000)
+    sampled = awq_search(w, h, x.abs().mean(0), spec, grid=10, max_rows=64)
+    assert abs(full.alpha - sampled.alpha) <= 0.2 and sampled.alpha > 0
+
+
 def test_scaled_stats_are_the_stats_of_scaled_inputs():
     x = _outlier_inputs(n=256, width=32)
     s = 0.5 + torch.rand(32)
