@@ -129,11 +129,6 @@ def _autocast(dtype: torch.dtype):
     return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
 
 
-def first_window(inp: BlockInput) -> BlockInput:
-    """The first window of a batch."""
-    return window_slice(inp, 0, 1)
-
-
 def window_slice(inp: BlockInput, a: int, z: int) -> BlockInput:
     """Windows ``a:z`` of a batch: every tensor whose leading dimension is the batch size is sliced."""
     b = inp.hidden.shape[0]
@@ -279,8 +274,7 @@ class _LearnedLinear(nn.Module):
         self.bias = bias
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.learned().to(x.dtype) if x.dtype != torch.float32 else self.learned(),
-                        None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self.learned().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 def refine_block(block_name: str, block: nn.Module, refs: dict, formats: dict[str, WeightFormat], recipe: Recipe,
@@ -373,14 +367,15 @@ def collect_statistics(block: nn.Module, adapter: Adapter, refs: dict, needs: fr
         acc = {**acc, **{n: st for n, st in experts.items() if n in refs}}
     stats = {}
     unseen = []
+    results: dict[int, Tensor] = {}          # layers fed the same input share accumulators: finish each once
     for rel, st in acc.items():
         stats[rel] = {}
         for k, s in st.items():
+            if id(s) not in results:
+                results[id(s)] = neutral_result(s) if empty_statistics(s) else s.result()
             if empty_statistics(s):
-                stats[rel][k] = neutral_result(k, refs[rel].weight().shape[1])
                 unseen.append(rel)
-            else:
-                stats[rel][k] = s.result()
+            stats[rel][k] = results[id(s)]
     if unseen:
         log.info("%d layer(s) saw no calibration row (e.g. %s): neutral statistics used", len(set(unseen)), unseen[0])
     return stats
@@ -394,7 +389,7 @@ def scale_block(block_name: str, block: nn.Module, adapter: Adapter, recipe: Rec
     reading the shared input, folded into the block (verified to leave its output unchanged on one
     calibration window), and the group's statistics are rewritten for the scaled inputs. Returns the
     updated statistics."""
-    probe = first_window(inputs[0])
+    probe = window_slice(inputs[0], 0, 1)
 
     def check() -> Tensor:
         return run_block(block, [probe])[0].hidden

@@ -33,6 +33,7 @@ class Statistic(ABC):
         STATS[cls.name] = cls
 
     def __init__(self, in_features: int):
+        self.in_features = in_features
         self.n = 0
 
     @abstractmethod
@@ -162,9 +163,9 @@ def empty_statistics(stat: Statistic) -> bool:
     return stat.n == 0
 
 
-def neutral_result(name: str, in_features: int) -> Tensor:
+def neutral_result(stat: Statistic) -> Tensor:
     """What a statistic stands in as when it saw no row: identity Hessian, unit activation magnitude
     (quantizers then treat every input channel alike, as round-to-nearest does)."""
-    if name == "hessian":
-        return torch.eye(in_features)
-    return torch.ones(in_features)
+    if stat.name == "hessian":
+        return torch.eye(stat.in_features)
+    return torch.ones(stat.in_features)
