@@ -8,7 +8,10 @@ A checkpoint directory::
     lowbit.json                             recipe, versions, source, per-layer format/bits/bytes, checksums
 
 Quantized layer ``L`` stores ``L.codes``, ``L.scale`` (and ``L.zero``, ``L.bias``) in place of
-``L.weight``; tied tensors (a head tied to the embeddings) are stored once. The directory is
+``L.weight``; tied tensors (a head tied to the embeddings) are stored once. With ``head: int8``
+(:mod:`lowbit.head`) the head stores ``lm_head.codes``/``lm_head.scale``, an untied token embedding
+its own ``codes``/``scale``, a tied one nothing (it reads the head's); ``lowbit.json``'s ``head``
+says which, and its summary adds ``head_bytes`` and ``head_bits``. The directory is
 written beside its target under a temporary name and renamed when complete. :func:`load`
 checks every tensor file's sha256 and every tensor's shape, then builds the model with its
 linear weights on the ``meta`` device, so no fp32 copy of a quantized weight ever exists.
@@ -30,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lowbit
+from lowbit import head as vocab
 from lowbit.cache import atomic_dir, sha256_file
 from lowbit.errors import CheckpointError
 from lowbit.models.adapters import get_adapter
@@ -70,6 +74,7 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, report: QuantizeR
     if path.exists() and not force:
         raise CheckpointError(f"{path} already exists; choose another output or pass --force to overwrite it")
     state, tied = _unique_state(model)
+    head = vocab.describe(model)                    # a quantized head and embeddings (head: int8), or None
     if offload is not None:
         blocks_path = get_adapter(model).blocks_path + "."
         state = {k: v for k, v in state.items() if not k.startswith(blocks_path)}
@@ -105,7 +110,10 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, report: QuantizeR
                 "bits_per_weight": report.bits_per_weight,
                 # every tensor in the file: quantized layers + what stays full precision (tied stored once)
                 "total_tensor_bytes": sum(_tensor_bytes(tmp / f) for f in files),
+                # head: int8 -- the stored vocabulary matrices (included in total_tensor_bytes, not in the above)
+                **({"head_bytes": head.nbytes, "head_bits": head.bits_per_weight} if head is not None else {}),
             },
+            **({"head": head.to_dict()} if head is not None else {}),
             "tied": tied,
             "files": {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
             "layers": {name: rec.to_dict() for name, rec in report.layers.items()},
@@ -167,6 +175,8 @@ def load(path: str | os.PathLike, verify_checksums: bool = True) -> transformers
         prefix = f"{block_name}."
         layers = {n[len(prefix):]: rec for n, rec in meta["layers"].items() if n.startswith(prefix)}
         adapter.install_empty(block, layers)
+    if meta.get("head"):
+        vocab.install_empty(model, meta["head"])            # before tie_weights(), which then leaves them alone
     state = {}
     for name in meta["files"]:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -52,24 +53,31 @@ def fetch(names: tuple[str, ...]) -> None:
               help="Preset (w8, w4g128, w4g64, w3g128, w2g64; gptq-, awq-, ar- with w4g128, w3g128, w2g64; "
                    "ar-...-fast; best-w4, best-w3, best-w2: see the README's Recipes) or a YAML/JSON recipe file")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Checkpoint directory to write")
+@click.option("--head", help="Override the recipe's head: int8 (head and token embeddings as 8-bit codes, one "
+                             "fp16 scale per row; a tied pair stored once) or none (full precision)")
 @click.option("--force", is_flag=True, help="Replace an existing output directory")
 @click.option("--offload-dir", type=click.Path(path_type=Path),
               help="Record each finished block here: rerunning the same command resumes after the last one, "
                    "and a safetensors model is read block by block (memory: about one block)")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar per block")
-def quantize(source: str, recipe: str, output: Path, force: bool, offload_dir: Path | None, progress: bool) -> None:
+def quantize(source: str, recipe: str, output: Path, head: str | None, force: bool, offload_dir: Path | None,
+             progress: bool) -> None:
     """Quantize SOURCE (a built-in name, a Hugging Face model directory or a .gguf file) into a packed
     checkpoint, written under a temporary name and renamed when complete."""
     import lowbit
 
     rec = lowbit.Recipe.resolve(recipe)                      # fail on a bad recipe before loading anything
+    if head is not None:
+        rec = dataclasses.replace(rec, head=head)            # validated like the recipe's own key
     if output.exists() and not force:
         raise CheckpointError(f"{output} already exists; choose another output or pass --force to overwrite it")
     q = lowbit.quantize(source, rec, progress=progress, offload_dir=offload_dir)
     path = q.save(output, force=force)
     r = q.report
+    head_note = "" if r.head is None else (f"; head {r.head.mode} {r.head.bits_per_weight:.3f} bits/weight, "
+                                           f"{r.head.nbytes / 2**20:.1f} MiB" + (" (tied)" if r.head.tied else ""))
     echo(f"wrote {path}: {len(r.layers)} layers, {r.bits_per_weight:.3f} bits/weight, "
-         f"{r.nbytes / 2**20:.1f} MiB quantized weights, {r.seconds:.1f} s")
+         f"{r.nbytes / 2**20:.1f} MiB quantized weights{head_note}, {r.seconds:.1f} s")
 
 
 @app.command("eval", epilog="Example: lowbit eval out/smollm2-w4g128 --reference smollm2-135m --corpus wiki")
@@ -120,6 +128,7 @@ def info(path: Path, layers: bool, as_json: bool, verify: bool) -> None:
         f"quantized       {s['quantized_layers']} layers, {s['quantized_weights']:,} weights, "
         f"{s['quantized_bytes']:,} bytes",
         f"bits/weight     {s['bits_per_weight']:.4f}  (codes + scales + zeros, all included)",
+        *([_head_line(meta["head"], s)] if meta.get("head") else []),
         f"whole model     {s['total_tensor_bytes']:,} tensor bytes; {disk:,} bytes on disk",
         "versions        " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"created         {meta['created']}",
@@ -131,6 +140,12 @@ def info(path: Path, layers: bool, as_json: bool, verify: bool) -> None:
             f = {**f.get("base", f), "shape": f["shape"]}                 # outlier formats wrap a base
             echo(f"{name:<48} {'x'.join(map(str, f['shape'])):>12} {f['bits']:>4} {f['group_size']:>5} "
                  f"{r['nbytes']:>10,} {r['bits_per_weight']:>7.3f}")
+
+
+def _head_line(head: dict, summary: dict) -> str:
+    tied = " (tied embeddings read its codes)" if head["tied"] else ""
+    return (f"head            {head['mode']}: {', '.join(head['layers'])}{tied}, {summary['head_bytes']:,} bytes, "
+            f"{summary['head_bits']:.4f} bits/weight")
 
 
 def main(argv: list[str] | None = None) -> int:

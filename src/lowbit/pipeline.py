@@ -32,6 +32,7 @@ from lowbit.calibrate import (
 )
 from lowbit.errors import LowbitError, RecipeError, WeightValueError
 from lowbit.formats import WeightFormat
+from lowbit.head import HeadReport, quantize_head
 from lowbit.models.adapters import Adapter, _set_submodule, get_adapter
 from lowbit.models.lazy import LazyWeights
 from lowbit.models.scaling import fold, scale_groups
@@ -71,6 +72,7 @@ class QuantizeReport:
     layers: dict[str, LayerRecord] = field(default_factory=dict)
     seconds: float = 0.0
     calibration: dict | None = None
+    head: HeadReport | None = None             # head/embeddings with ``head: int8`` (not in layers or bits_per_weight)
 
     @property
     def weights(self) -> int:
@@ -230,6 +232,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
     if not report.layers:
         raise RecipeError(f"recipe {recipe.name!r} selects no layer: targets={list(recipe.targets)} "
                           f"ignore={list(recipe.ignore)} matched nothing among the decoder blocks' linear layers")
+    report.head = quantize_head(model, recipe.head)                     # in memory, also after an offloaded walk
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -15,13 +15,16 @@ A recipe in YAML (or the same keys in JSON)::
                               # stored sparse; their values and indices count in bits per weight
     scaling: awq              # activation-aware per-channel scales, folded into the preceding norm or
     scaling_grid: 20          # linear (lowbit.models.scaling); α searched on this grid by output error
+    head: int8                # none (default) | int8: the head and token embeddings as 8-bit codes, one
+                              # fp16 scale per row (lowbit.head); a tied pair is stored once
 
 ``calibration.dtype`` (``bfloat16`` by default, or ``float32``) is the precision of the calibration
 forward passes; statistics are summed in fp32/fp64 either way.
 
 Patterns match full module names such as ``model.layers.3.self_attn.q_proj``: shell globs
 (``fnmatch``), or regular expressions after ``re:`` (``re.fullmatch``). Only linear layers inside
-decoder blocks are candidates: embeddings and the head stay in full precision.
+decoder blocks are candidates; the head and token embeddings follow ``head`` instead (full
+precision unless ``head: int8``), and the recipe's bits per weight stays the blocks' average.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import yaml
 
 from lowbit.errors import RecipeError
 from lowbit.formats import QuantSpec
+from lowbit.head import HEAD_SPECS
 from lowbit.quantizers import get_method
 from lowbit.quantizers.learned import LearnedSpec
 
@@ -108,8 +112,14 @@ class Recipe:
     scaling: str = "none"                      # "awq": activation-aware scales folded before rounding
     scaling_grid: int = 20                     # α candidates 0, 1/grid, …, (grid-1)/grid
     learned: LearnedSpec | None = None         # block-wise learned rounding and ranges, see quantizers.learned
+    head: str = "none"                         # "int8": head + token embeddings 8-bit per row, see lowbit.head
 
     def __post_init__(self):
+        if self.head is None:
+            object.__setattr__(self, "head", "none")
+        if not isinstance(self.head, str) or self.head not in HEAD_SPECS:
+            raise RecipeError(f"head={self.head!r} must be one of {', '.join(HEAD_SPECS)} (int8: the head and "
+                              "token embeddings as 8-bit codes with one fp16 scale per row; none: full precision)")
         if self.scaling not in SCALINGS:
             raise RecipeError(f"scaling={self.scaling!r} must be one of {', '.join(SCALINGS)}")
         if not isinstance(self.scaling_grid, int) or isinstance(self.scaling_grid, bool) or self.scaling_grid < 1:
@@ -162,8 +172,12 @@ class Recipe:
 
     # -- (de)serialization -------------------------------------------------------------
     def to_dict(self) -> dict:
+        """Every field, except ``head`` at its default ``none``: the dict (and so offload fingerprints,
+        checkpoint metadata and benchmark caches) of a recipe written before ``head`` existed is unchanged."""
         d = dataclasses.asdict(self)
         d["targets"], d["ignore"], d["options"] = list(self.targets), list(self.ignore), dict(self.options)
+        if self.head == "none":
+            del d["head"]
         return d
 
     @classmethod

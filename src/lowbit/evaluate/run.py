@@ -15,7 +15,8 @@ from lowbit.evaluate.memory import model_nbytes, peak_rss_of_load
 from lowbit.evaluate.quality import evaluate_quality
 from lowbit.evaluate.result import EvalResult, markdown_table, results_to_json, with_baseline, write_results
 from lowbit.evaluate.speed import decode_speed
-from lowbit.modules import footprint, quant_modules
+from lowbit.head import block_footprint, describe
+from lowbit.modules import quant_modules
 
 
 @dataclass
@@ -35,10 +36,13 @@ def _label(spec: str, taken: set[str]) -> str:
 
 
 def _size(model) -> dict:
-    """Bits per weight over the decoder blocks' linear weights (the full-precision dtype's width if none is quantized)."""
+    """Bits per weight over the decoder blocks' linear weights (the full-precision dtype's width if none is quantized);
+    an 8-bit head (``head: int8``) counts in ``total_bytes`` and gets its own ``extra["head_bits"]``."""
     if quant_modules(model):
-        fp = footprint(model)
-        return dict(bits_per_weight=fp.bits_per_weight, quantized_bytes=fp.quantized_bytes, total_bytes=fp.total_bytes)
+        fp, head = block_footprint(model), describe(model)
+        extra = {} if head is None else {"extra": {"head_bits": head.bits_per_weight, "head_bytes": head.nbytes}}
+        return dict(bits_per_weight=fp.bits_per_weight, quantized_bytes=fp.quantized_bytes, total_bytes=fp.total_bytes,
+                    **extra)
     width = 8 * next(model.parameters()).element_size()
     return dict(bits_per_weight=float(width), quantized_bytes=None, total_bytes=model_nbytes(model))
 
@@ -62,13 +66,14 @@ def evaluate_specs(models: Sequence[str], reference: str | None = None, corpus: 
     results = []
     for label, spec in tqdm(list(zip(labels, specs)), desc="speed/memory", disable=not progress or not (speed or memory)):
         model = loaded[label].model
+        size = _size(model)
         results.append(EvalResult(
             name=label, model=spec, quality=quality[label],
             speed=decode_speed(model, tokenizer, new_tokens=new_tokens) if speed else None,
             peak_rss_bytes=peak_rss_of_load(spec) if memory else None,
             corpus={**info.to_dict(), "seqlen": seqlen, "n_windows": windows},
-            extra={"source": loaded[label].source.to_dict()},
-            **_size(model),
+            extra={"source": loaded[label].source.to_dict(), **size.pop("extra", {})},
+            **size,
         ))
     baseline = labels[0] if reference else None
     if baseline:
