@@ -209,3 +209,33 @@ def test_shape_mismatch_is_detected(saved):
     (path / "lowbit.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError):
         checkpoint.load(path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_statistics_pass_skips_only_the_unread_last_product(family):
+    """The statistics pass skips the product of the block's last linear layer (nothing inside the block
+    reads it) and still gives every layer exactly the statistics of a full forward."""
+    from lowbit.calibrate import collecting
+    from lowbit.pipeline import collect_statistics, last_linear, run_block
+
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    inputs = capture_block_inputs(model, adapter, _ids(6, 16), batch_size=2)
+    block = adapter.blocks(model)[0][1]
+    refs = adapter.linears(block)
+    needs = frozenset({"hessian", "act_absmean"})
+    last = last_linear(block, adapter, inputs[:1], torch.float32)
+    expected_last = {"gpt2": "mlp.c_proj", "opt": "fc2", "phi3": "mlp.down_proj"}.get(family, "mlp.down_proj")
+    if family in ("mixtral", "qwen3_moe", "olmoe"):
+        assert last is None                                              # routed experts run last
+    elif family != "qwen2_moe":
+        assert last is block.get_submodule(expected_last)
+    got = collect_statistics(block, adapter, refs, needs, inputs, torch.float32)
+    dense = {rel: ref.module for rel, ref in refs.items() if ref.param is None}
+    with collecting(dense, needs) as acc:
+        run_block(block, inputs)
+    for rel in dense:
+        for k in needs:
+            assert torch.equal(got[rel][k], acc[rel][k].result()), (rel, k)
+    # and the block still computes its real output afterwards
+    assert not any("forward" in vars(m) for m in block.modules())

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from lowbit.calibrate import (
     collecting,
@@ -36,6 +37,7 @@ from lowbit.head import HeadReport, quantize_head
 from lowbit.models.adapters import Adapter, _set_submodule, get_adapter
 from lowbit.models.lazy import LazyWeights
 from lowbit.models.scaling import fold, scale_groups
+from lowbit.modules.quant_linear import dense_weights
 from lowbit.offload import Offload, fingerprint
 from lowbit.quantizers import Method, get_method
 from lowbit.quantizers.awq import awq_search, scaled_stats
@@ -154,7 +156,7 @@ def window_slice(inp: BlockInput, a: int, z: int) -> BlockInput:
 def run_block(block: nn.Module, inputs: list[BlockInput], dtype: torch.dtype = torch.float32) -> list[BlockInput]:
     """The block's outputs, packaged as the next block's inputs (forward under bf16 autocast if ``dtype`` is bf16)."""
     out = []
-    with torch.no_grad(), _autocast(dtype):
+    with torch.no_grad(), _autocast(dtype), dense_weights(block):
         for inp in inputs:
             y = block(inp.hidden, *inp.args, **inp.kwargs)
             y = y[0] if isinstance(y, tuple) else y
@@ -193,7 +195,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
             log.info("resuming after block %d from %s", start - 1, offload.dir)
     inputs = fp_inputs = None                 # quantized model's / full-precision model's activations
     fp_stream = recipe.learned is not None and recipe.learned.target == "fp"
-    if recipe.needs_calibration:
+    blocks = adapter.blocks(model)
+    if recipe.needs_calibration and start < len(blocks):
         if start:
             saved, saved_fp = offload.load_inputs(start)
             inputs = [BlockInput(**x) for x in saved]
@@ -201,7 +204,6 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
         else:
             inputs = capture_block_inputs(model, adapter, calibration)
             fp_inputs = inputs if fp_stream else None
-    blocks = adapter.blocks(model)
     bar = tqdm(blocks, desc=f"quantize {recipe.name}", unit="block", disable=not progress)
     for i, (block_name, block) in enumerate(bar):
         if i < start:                                                     # finished by an earlier run
@@ -219,10 +221,11 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
             targets = run_block(block, fp_inputs if fp_stream else inputs, recipe.calibration_dtype)
         records = quantize_block(block_name, block, adapter, method, recipe, inputs, targets, seed=i)
         report.layers.update(records)
-        if inputs is not None:
-            inputs = run_block(block, inputs, recipe.calibration_dtype)
+        last = i == len(blocks) - 1
+        if inputs is not None:                       # the next block's inputs (none after the last block)
+            inputs = None if last else run_block(block, inputs, recipe.calibration_dtype)
         if fp_stream:
-            fp_inputs = targets
+            fp_inputs = None if last else targets
         if offload is not None:
             offload.save_block(i, block_name, block, {n: r.to_dict() for n, r in records.items()}, inputs,
                                fp_inputs)
@@ -365,7 +368,9 @@ def collect_statistics(block: nn.Module, adapter: Adapter, refs: dict, needs: fr
         if len(dense) < len(refs):
             experts = stack.enter_context(
                 collecting_experts(block.get_submodule(adapter.experts), adapter.experts, needs, dtype))
-        run_block(block, inputs, dtype)
+        last = last_linear(block, adapter, inputs[:1], dtype)
+        with _output_skipped(last):
+            run_block(block, inputs[1:], dtype)
     if len(dense) < len(refs):
         acc = {**acc, **{n: st for n, st in experts.items() if n in refs}}
     stats = {}
@@ -382,6 +387,41 @@ def collect_statistics(block: nn.Module, adapter: Adapter, refs: dict, needs: fr
     if unseen:
         log.info("%d layer(s) saw no calibration row (e.g. %s): neutral statistics used", len(set(unseen)), unseen[0])
     return stats
+
+
+def last_linear(block: nn.Module, adapter: Adapter, inputs: list[BlockInput], dtype: torch.dtype) -> nn.Module | None:
+    """Runs ``block`` on ``inputs``; returns the dense linear layer that ran last, once, after every other
+    linear and routed-experts module of the block, or None when there is no such layer.
+
+    Nothing inside the block reads that layer's output (only the block output does, which a statistics
+    pass throws away), so later statistics passes can skip its product (:func:`_output_skipped`):
+    a llama block's ``down_proj``, a quarter of its weights."""
+    linears = [ref.module for ref in adapter.linears(block).values() if ref.param is None]
+    experts = [block.get_submodule(adapter.experts)] if adapter.experts else []
+    fired: list[nn.Module] = []
+    handles = [m.register_forward_pre_hook(lambda mod, _args: fired.append(mod)) for m in linears + experts]
+    try:
+        run_block(block, inputs, dtype)
+    finally:
+        for h in handles:
+            h.remove()
+    if not fired or any(fired[-1] is e for e in experts) or sum(m is fired[-1] for m in fired) != 1:
+        return None
+    return fired[-1]
+
+
+@contextlib.contextmanager
+def _output_skipped(module: nn.Module | None):
+    """While active, ``module`` (a Linear or Conv1D) returns zeros instead of its product; its hooks still see the input."""
+    if module is None:
+        yield
+        return
+    out_f = module.weight.shape[1] if isinstance(module, Conv1D) else module.weight.shape[0]
+    module.forward = lambda x: x.new_zeros(*x.shape[:-1], out_f)
+    try:
+        yield
+    finally:
+        del module.forward
 
 
 def scale_block(block_name: str, block: nn.Module, adapter: Adapter, recipe: Recipe,

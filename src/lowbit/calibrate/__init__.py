@@ -43,21 +43,32 @@ class Statistic(ABC):
     def result(self) -> Tensor: ...
 
 
+def _band_starts(width: int, band: int = 384) -> list[int]:
+    """First columns of the bands a Hessian is accumulated in: 1 band up to 511 wide, 2 up to 1023, then ~``band`` wide."""
+    n = 1 if width < 512 else 2 if width < 1024 else -(-width // band)
+    step = -(-width // n)
+    return list(range(0, width, step))
+
+
 class Hessian(Statistic):
     name = "hessian"
 
     def __init__(self, in_features):
         super().__init__(in_features)
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.starts = _band_starts(in_features)
 
     def update(self, x):
         # product in the rows' precision (fp32, or bf16 with fp32 accumulation inside the matmul,
-        # rounded once per batch: about 1e-3 relative), fp64 running sum
-        self.xtx += (x.t() @ x).double()
+        # rounded once per batch: about 1e-3 relative), fp64 running sum. Only the block rows on and
+        # above the diagonal are multiplied (XᵀX is symmetric): 62.5 % of the work at 4 bands
+        for a, z in zip(self.starts, [*self.starts[1:], self.in_features]):
+            self.xtx[a:z, a:] += (x[:, a:z].t() @ x[:, a:]).double()
         self.n += x.shape[0]
 
     def result(self):
-        return (2.0 / max(self.n, 1) * self.xtx).float()
+        upper = torch.triu(self.xtx)                    # the computed part holds the whole upper triangle
+        return (2.0 / max(self.n, 1) * (upper + torch.triu(self.xtx, 1).t())).float()
 
 
 class ActAbsMean(Statistic):

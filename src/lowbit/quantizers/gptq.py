@@ -73,23 +73,29 @@ def gptq(weight: Tensor, hessian: Tensor, spec: QuantSpec, damp: float = 0.01, b
     q = torch.empty(out_f, in_f, dtype=torch.uint8)
     s32, z32 = scale.float(), zero.float()
 
+    groups = group_of.tolist()
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         wb = w[:, i1:i2].clone()                                            # (out, b)
         err = torch.empty_like(wb)
         ub = u[i1:i2, i1:i2]
+        if fixed:                                                           # every column's group parameters, known now
+            sb, zb = s32[:, group_of[i1:i2]], z32[:, group_of[i1:i2]]
         for i in range(i2 - i1):
             col = i1 + i
-            g = group_of[col].item()
-            if not fixed and gw != in_f and perm[col].item() % gw == 0:     # first column of its group
-                sg, zg = fit(_natural_group(w, wb, i1, i, gw, in_f), col)           # perm is the identity here
-                scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
-                s32[:, g], z32[:, g] = sg[:, 0].float(), zg[:, 0].float()
-            s, z = s32[:, g], z32[:, g]
+            if fixed:
+                s, z = sb[:, i], zb[:, i]
+            else:
+                g = groups[col]
+                if col % gw == 0:                                           # first column of its group (no perm here)
+                    sg, zg = fit(_natural_group(w, wb, i1, i, gw, in_f), col)
+                    scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
+                    s32[:, g], z32[:, g] = sg[:, 0].float(), zg[:, 0].float()
+                s, z = s32[:, g], z32[:, g]
             qc = torch.round(wb[:, i] / s + z).clamp_(0, spec.maxq)
             q[:, col] = qc.to(torch.uint8)
             e = (wb[:, i] - (qc - z) * s) / ub[i, i]
-            wb[:, i:] -= e[:, None] * ub[i, i:][None, :]
+            wb[:, i:].addr_(e, ub[i, i:], alpha=-1)                         # rank-1 update, in place
             err[:, i] = e
         w[:, i2:] -= err @ u[i1:i2, i2:]
 
