@@ -12,6 +12,7 @@ from torch import nn
 
 from lowbit import checkpoint
 from lowbit.data import calibration_windows, load_text
+from lowbit.decoding import fast_decode
 from lowbit.errors import LowbitError
 from lowbit.models import LoadedModel, SourceInfo, resolve_source
 from lowbit.models import load_model as _load_source
@@ -29,15 +30,21 @@ def load_model(spec: str | os.PathLike) -> LoadedModel:
     spec = str(spec)
     if checkpoint.is_checkpoint(spec):
         model = checkpoint.load(spec)
+        fast_decode(model)
         tokenizer = transformers.AutoTokenizer.from_pretrained(spec)
         meta = model.lowbit_meta
         return LoadedModel(model, tokenizer, SourceInfo(spec, "lowbit", spec, meta["files"][checkpoint.TENSOR_FILE]["sha256"]))
     return _load_source(spec)
 
 
-def load(path: str | os.PathLike) -> transformers.PreTrainedModel:
-    """A checkpoint written by :func:`save` / ``lowbit quantize``, as an ordinary transformers model."""
-    return checkpoint.load(path)
+def load(path: str | os.PathLike, compile: bool | None = None) -> transformers.PreTrainedModel:
+    """A checkpoint written by :func:`save` / ``lowbit quantize``, as an ordinary transformers model.
+
+    Its ``generate()`` takes the lean decode path (static KV cache, compiled decode step:
+    :func:`lowbit.decoding.fast_decode`) unless ``compile=False`` or ``LOWBIT_COMPILE=0``."""
+    model = checkpoint.load(path)
+    fast_decode(model, compile)
+    return model
 
 
 @dataclass

@@ -41,6 +41,7 @@ class SpeedResult:
     repeats: int
     threads: int  # torch.get_num_threads() during the measurement
     text: str  # decoded continuation of the first timed run, for a sanity look
+    first_call_s: float | None = None  # the untimed warm-up generate: compilation of the decode step, if any
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,7 +76,8 @@ def decode_speed(
     gen_kwargs = {"do_sample": False, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens,
                   "pad_token_id": _pad_token_id(tokenizer)}
     with torch.inference_mode(), eval_mode([model]):
-        model.generate(**inputs, **gen_kwargs)  # warm-up: allocations, kernel selection
+        first_call_s, _ = _timed(lambda: model.generate(**inputs, **gen_kwargs), device)  # warm-up: allocations,
+        # kernel selection, and compilation of the decode step where the model has the lean path (lowbit.decoding)
         model(**inputs, use_cache=True)  # warm-up of the prefill path on its own
         prefill = [_timed(lambda: model(**inputs, use_cache=True), device)[0] for _ in range(repeats)]
         runs = [_timed(lambda: model.generate(**inputs, **gen_kwargs), device) for _ in range(repeats)]
@@ -103,6 +105,7 @@ def decode_speed(
         repeats=repeats,
         threads=torch.get_num_threads(),
         text=text,
+        first_call_s=first_call_s,
     )
 
 

@@ -225,15 +225,30 @@ def _state(kernel: Kernel, fmt: WeightFormat, plans: dict) -> Any:
     return plans[kernel.name]
 
 
+def bind(fmt: WeightFormat, m: int, plans: dict) -> tuple[Kernel, Any]:
+    """The kernel for ``fmt`` at ``m`` rows with its prepared state (and the outliers' sparse matrix), resolved
+    now: what :func:`linear_bound` runs inside a ``torch.compile`` trace, where nothing may be timed or built."""
+    base = fmt.base if isinstance(fmt, OutlierFormat) else fmt
+    kernel = choose(base, m, plans)
+    if base is not fmt:
+        sparse_outliers(torch.zeros(1, fmt.shape[1]), fmt, plans)
+    return kernel, _state(kernel, base, plans)
+
+
 def linear(x: Tensor, fmt: WeightFormat, bias: Tensor | None, plans: dict) -> Tensor:
     """``x @ W.T + bias`` for x (..., in); ``plans`` is the calling module's per-kernel state."""
+    return linear_bound(x, fmt, bias, bind(fmt, x.numel() // x.shape[-1], plans), plans)
+
+
+def linear_bound(x: Tensor, fmt: WeightFormat, bias: Tensor | None, bound: tuple[Kernel, Any], plans: dict) -> Tensor:
+    """:func:`linear` with the kernel and state already chosen (:func:`bind`)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     dtype = x2.dtype
     x2 = x2.float()
     base = fmt.base if isinstance(fmt, OutlierFormat) else fmt
-    kernel = choose(base, x2.shape[0], plans)
-    y = kernel.run(x2, base, _state(kernel, base, plans))
+    kernel, state = bound
+    y = kernel.run(x2, base, state)
     if base is not fmt:
         y = y + sparse_outliers(x2, fmt, plans)
     if bias is not None:

@@ -259,8 +259,10 @@ def available() -> bool:
 _isa_seen: tuple = (None, 0)                   # (raw LOWBIT_ISA, parsed): read on every call, parsed once
 
 
+@torch.compiler.assume_constant_result
 def requested_isa() -> int:
-    """``LOWBIT_ISA`` as the ops' isa argument (0 = best the CPU has)."""
+    """``LOWBIT_ISA`` as the ops' isa argument (0 = best the CPU has); a ``torch.compile`` trace keeps the
+    value it saw when it was traced."""
     global _isa_seen
     raw = os.environ.get("LOWBIT_ISA")
     if raw == _isa_seen[0]:

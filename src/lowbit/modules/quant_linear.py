@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,6 +30,8 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self._fmt: WeightFormat | None = fmt
         self._plans: dict = {}
+        self._dense: Tensor | None = None         # set only inside dense_weights()
+        self._decode: tuple | None = None          # kernel + state for one row, bound by prepare_decode()
 
     @classmethod
     def empty(cls, meta: dict, bias: bool) -> "QuantLinear":
@@ -45,16 +48,22 @@ class QuantLinear(nn.Module):
         return self._fmt
 
     def _invalidate(self):
-        self._fmt, self._plans = None, {}
+        self._fmt, self._plans, self._decode = None, {}, None
+
+    def prepare_decode(self) -> None:
+        """Choose and prepare the one-row kernel now, so that a ``torch.compile`` trace of the decode step
+        finds it bound (nothing is timed or built inside a trace)."""
+        self._decode = kernels.bind(self.fmt, 1, self._plans)
 
     def _apply(self, fn, *args, **kw):
         """Device moves apply; dtype casts (``.float()``, ``.to(torch.bfloat16)``) leave the stored tensors' dtypes alone."""
         self._invalidate()
-        stored = {name: buf.dtype for name, buf in self._buffers.items() if buf is not None}
+        stored = {name: buf for name, buf in self._buffers.items() if buf is not None}
         out = super()._apply(fn, *args, **kw)
-        for name, dtype in stored.items():
-            if self._buffers[name].dtype != dtype:
-                self._buffers[name] = self._buffers[name].to(dtype)   # fp16 -> wider -> fp16 is exact
+        for name, before in stored.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:       # the tensor from before the cast (fp16 -> bf16 would round)
+                self._buffers[name] = before.to(after.device)
         return out
 
     def _load_from_state_dict(self, *args, **kw):
@@ -62,10 +71,17 @@ class QuantLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kw)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._dense is not None:
+            return F.linear(x, self._dense.to(x.dtype) if not torch.is_autocast_enabled("cpu") else self._dense,
+                            self.bias)
         if torch.is_autocast_enabled("cpu"):
             # mixed-precision passes (the pipeline's bf16 calibration forwards): the weight in full, so
             # that autocast runs the matmul in its low precision like every other layer's
             return F.linear(x, self.fmt.dequantize(torch.float32), self.bias)
+        if torch.compiler.is_compiling():
+            if self._decode is None:             # not prepared: the reference computation, traceable as is
+                return F.linear(x, self.fmt.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return kernels.linear_bound(x, self.fmt, self.bias, self._decode, self._plans)
         if x.dtype != torch.float32:            # kernels take fp32 rows (fp16/bf16 models)
             return kernels.linear(x.float(), self.fmt, self.bias, self._plans).to(x.dtype)
         return kernels.linear(x, self.fmt, self.bias, self._plans)
@@ -82,6 +98,21 @@ class QuantLinear(nn.Module):
         m = self.meta.get("base", self.meta)
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"{self.meta['kind']} bits={m.get('bits')} group_size={m.get('group_size')} symmetric={m.get('symmetric')}")
+
+
+@contextmanager
+def dense_weights(root: nn.Module):
+    """While active, every :class:`QuantLinear` under ``root`` multiplies by its weight dequantized once on
+    entry (fp32), instead of decoding it on each call: for passes of many large batches, such as the
+    pipeline's calibration forwards. The copies are dropped on exit."""
+    mods = [m for m in root.modules() if isinstance(m, QuantLinear)]
+    for m in mods:
+        m._dense = m.fmt.dequantize(torch.float32)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m._dense = None
 
 
 class QuantExperts(nn.Module):

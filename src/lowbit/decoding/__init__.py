@@ -1,0 +1,68 @@
+"""A lean decode path for ``generate()``: a static KV cache and a compiled decode step.
+
+An eager ``transformers`` decode step of a small model spends most of its time in Python and
+operator dispatch, not in the matrix products (SmolLM2-135M: about 16 ms of a 25 ms step with
+4-bit weights). :func:`fast_decode` removes most of that overhead without changing what
+``generate()`` computes:
+
+* ``generation_config.cache_implementation = "static"``: the KV cache is preallocated, so every
+  decode step has the same shapes;
+* ``generation_config.compile_config``: ``generate()`` compiles the one-token decode step with
+  ``torch.compile`` (inductor) on the CPU too; the prefill runs eagerly. Every
+  :class:`~lowbit.modules.QuantLinear` binds its one-row kernel beforehand
+  (:meth:`~lowbit.modules.QuantLinear.prepare_decode`) and the trace calls it directly: lowbit's
+  fused C++ ops are registered ``torch.ops`` with shape functions, so the compiler sees them
+  without a graph break.
+
+The first ``generate()`` call pays the compilation (reported once in the log); inductor keeps its
+artifacts in lowbit's cache directory (``<cache>/inductor``), so later processes reuse them.
+Where compilation is impossible (no C++ compiler: the fused extension is unavailable too) or
+``LOWBIT_COMPILE=0`` is set, the model stays on the eager path, which computes the same tokens.
+:func:`lowbit.load` applies it by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+from transformers import CompileConfig
+
+from lowbit.cache import cache_dir
+from lowbit.kernels import _ext
+from lowbit.modules import QuantLinear
+
+log = logging.getLogger("lowbit.decoding")
+
+
+def compile_enabled() -> bool:
+    """Whether :func:`fast_decode` compiles: not with ``LOWBIT_COMPILE=0``, nor without a working C++ toolchain."""
+    if os.environ.get("LOWBIT_COMPILE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return _ext.available()
+
+
+def fast_decode(model: nn.Module, enable: bool | None = None) -> bool:
+    """Set ``model`` up for the lean decode path (see the module docstring); returns whether it compiles.
+
+    ``enable=False`` restores the eager path (dynamic cache, no compilation); ``None`` decides by
+    :func:`compile_enabled`."""
+    gc = model.generation_config
+    if enable is None:
+        enable = compile_enabled()
+    if not enable:
+        gc.cache_implementation = None
+        gc.compile_config = None
+        return False
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.prepare_decode()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    config = CompileConfig(fullgraph=False, dynamic=None, mode="default")
+    config._compile_all_devices = True          # transformers compiles on accelerators only unless told
+    gc.cache_implementation = "static"
+    gc.compile_config = config
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    return True

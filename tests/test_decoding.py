@@ -1,0 +1,58 @@
+"""The lean decode path (:mod:`lowbit.decoding`): a static cache and a compiled decode step that give the
+same greedy tokens as the eager path, with lowbit's kernels inside the graph (no graph break)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from torch._dynamo.utils import counters
+
+import lowbit
+from lowbit import checkpoint, decoding
+from lowbit.kernels import _ext
+from lowbit.modules import QuantLinear
+from lowbit.pipeline import quantize_model
+from lowbit.recipe import Recipe
+
+
+def _quantized(tmp_path, preset: str):
+    model = tiny_model("llama")
+    report = quantize_model(model, Recipe.resolve(preset), progress=False)
+    checkpoint.save(model, tiny_tokenizer(), tmp_path / preset, report, {"spec": "tiny"})
+    return tmp_path / preset
+
+
+@pytest.mark.skipif(not _ext.available(), reason="the fused extension (and so a C++ toolchain) is unavailable")
+def test_compiled_decode_gives_the_eager_tokens(tmp_path, monkeypatch):
+    path = _quantized(tmp_path, "w4g64")
+    eager = lowbit.load(path, compile=False)
+    assert eager.generation_config.compile_config is None
+    monkeypatch.setenv("LOWBIT_COMPILE", "1")
+    fast = lowbit.load(path)                                            # the default path, compiled
+    assert fast.generation_config.cache_implementation == "static"
+    assert all(m._decode is not None for m in fast.modules() if isinstance(m, QuantLinear))
+    ids = torch.randint(3, 200, (1, 9), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    counters.clear()
+    for new in (12, 20):                                                 # a second length: another cache size
+        want = eager.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        got = fast.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        assert torch.equal(got, want)
+    assert counters["stats"]["unique_graphs"] >= 1                       # it did compile
+    assert not counters["graph_break"], dict(counters["graph_break"])    # lowbit's ops inside the graph
+
+
+def test_compile_can_be_turned_off(tmp_path, monkeypatch):
+    path = _quantized(tmp_path, "w8")
+    monkeypatch.setenv("LOWBIT_COMPILE", "0")
+    assert not decoding.compile_enabled()
+    model = lowbit.load(path)
+    assert model.generation_config.compile_config is None and model.generation_config.cache_implementation is None
+    monkeypatch.setenv("LOWBIT_COMPILE", "1")
+    monkeypatch.setattr(_ext, "available", lambda: False)               # no C++ toolchain: eager, not an error
+    assert not decoding.compile_enabled()
+    model = lowbit.load(path)
+    assert model.generation_config.compile_config is None
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
