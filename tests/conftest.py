@@ -13,6 +13,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 # loaded checkpoints decode eagerly in tests (compiling each model's decode step would take most of the
 # suite's time); tests/test_decoding.py turns the compiled path on where it tests it
 os.environ.setdefault("LOWBIT_COMPILE", "0")
+# kernel choices stay in the test process, not in the user's cache (test_kernels.py tests the file)
+os.environ.setdefault("LOWBIT_KERNEL_CHOICES", "off")
 
 VOCAB = 256
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

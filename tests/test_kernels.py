@@ -13,6 +13,7 @@ cancel, and its error is bounded by the size of the terms, not of ``y`` (see
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -133,6 +134,35 @@ def test_automatic_choice_is_correct(forced):
         for m in ROWS:
             x = torch.randn(m, 512)
             check_close(kernels.linear(x, fmt, None, {}), x.double() @ w64.T, f"auto {spec} rows={m}")
+
+
+def test_choice_is_measured_once_per_machine(forced, monkeypatch, tmp_path):
+    """The automatic choice is written to the machine's choices file and read back by a fresh process
+    instead of being timed again; a corrupt file is measured again and rewritten, not an error."""
+    forced(None)
+    path = tmp_path / "choices.json"
+    monkeypatch.setenv("LOWBIT_KERNEL_CHOICES", str(path))
+    monkeypatch.setattr(kernels, "_CHOICE", {})
+    monkeypatch.setattr(kernels, "_CHOICES_LOADED", [None])
+    fmt, _ = random_format(192, 512, QuantSpec(4, 128, False))
+    first = kernels.choose(fmt, 1, {})
+    saved = json.loads(path.read_text())["choices"]
+    assert list(saved.values()) == [first.name] and "rows=1" in next(iter(saved))
+    # a new process: nothing in memory, the file answers, nothing is timed
+    monkeypatch.setattr(kernels, "_CHOICE", {})
+    monkeypatch.setattr(kernels, "_CHOICES_LOADED", [None])
+    monkeypatch.setattr(kernels, "_time_all", lambda *a, **k: pytest.fail("timed again"))
+    assert kernels.choose(fmt, 1, {}) is first
+    # corrupt file: measured again and rewritten
+    path.write_text("{not json")
+    monkeypatch.setattr(kernels, "_CHOICE", {})
+    monkeypatch.setattr(kernels, "_CHOICES_LOADED", [None])
+    monkeypatch.undo()
+    monkeypatch.setenv("LOWBIT_KERNEL_CHOICES", str(path))
+    monkeypatch.setattr(kernels, "_CHOICE", {})
+    monkeypatch.setattr(kernels, "_CHOICES_LOADED", [None])
+    assert kernels.choose(fmt, 1, {}).name in KERNELS
+    assert json.loads(path.read_text())["choices"]
 
 
 def test_aten_int8_offset_cancellation_bound():

@@ -25,8 +25,11 @@ lower one).
 
 Which is fastest depends on the shape and the number of rows of ``x`` (at batch 1 on small
 CPUs the aten kernels can lose to a dequantize + fp32 matmul), so the first call for a
-(format layout, shape, row bucket) times every supported candidate on that layer's weight and
-remembers the winner for the process. ``LOWBIT_KERNEL=<name>`` forces one kernel wherever it
+(format layout, shape, row bucket, thread count) times every supported candidate on that layer's
+weight (best of 5 interleaved rounds) and remembers the winner for the machine: in
+:func:`choices_file` (``<cache>/kernels/choices-<machine>.json``; ``LOWBIT_KERNEL_CHOICES=off`` keeps
+choices in the process only, ``LOWBIT_KERNEL_CHOICES=<path>`` puts them elsewhere; delete the file
+to measure again). ``LOWBIT_KERNEL=<name>`` forces one kernel wherever it
 applies (``reference`` everywhere), which makes runs reproducible bit for bit.
 
 An :class:`~lowbit.formats.OutlierFormat` runs the kernel chosen for its base format (the same
@@ -39,11 +42,15 @@ module's plan; the reference kernel keeps nothing between calls.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import platform
 import time
 import warnings
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -174,7 +181,65 @@ def fused_info() -> dict:
     return _ext.fused_info()
 
 
-_CHOICE: dict[tuple, str] = {}
+_CHOICE: dict[str, str] = {}              # choice key -> kernel name, this process (and the machine's file)
+_CHOICES_LOADED: list = [None]            # path of the machine's file once read into _CHOICE
+
+
+def choices_file() -> Path | None:
+    """Where this machine's measured choices are kept: ``$LOWBIT_KERNEL_CHOICES`` (``off``: nowhere), else
+    ``<cache>/kernels/choices-<machine>.json`` keyed by CPU model and features, torch version and the
+    fused extension's build (a different machine, torch or kernel build measures again)."""
+    env = os.environ.get("LOWBIT_KERNEL_CHOICES", "").strip()
+    if env.lower() == "off":
+        return None
+    if env:
+        return Path(env)
+    from lowbit.cache import cache_dir
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    ident = repr((cpu, sorted(_ext._cpu_flags() & _ISA_FLAGS), torch.__version__,
+                  _ext.build_key() if _ext.available() else "no-ext", sorted(KERNELS)))
+    return cache_dir() / "kernels" / f"choices-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+
+
+_ISA_FLAGS = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile"}
+
+
+def _remembered(key: str) -> str | None:
+    path = choices_file()
+    if path is not None and _CHOICES_LOADED[0] != path:
+        _CHOICES_LOADED[0] = path
+        _CHOICE.update(_read_choices(path))
+    return _CHOICE.get(key)
+
+
+def _read_choices(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+        return {k: v for k, v in data.get("choices", {}).items() if isinstance(v, str) and v in KERNELS}
+    except (OSError, ValueError, AttributeError):
+        return {}                         # absent or unreadable: measure again (and rewrite it)
+
+
+def _remember(key: str, name: str, times: dict[str, float]) -> None:
+    _CHOICE[key] = name
+    path = choices_file()
+    if path is None:
+        return
+    from lowbit.cache import atomic_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**_read_choices(path), key: name}          # keep what another process measured meanwhile
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps({"choices": merged}, indent=1, sort_keys=True))
+    except OSError as e:                  # a read-only cache costs a re-measurement next time, nothing else
+        log.debug("kernel choices not saved to %s: %s", path, e)
 
 
 def _row_bucket(m: int) -> int:
@@ -190,18 +255,22 @@ def _forced() -> str | None:
     return name
 
 
-def _time(kernel: Kernel, x: Tensor, fmt: WeightFormat, state: Any, reps: int = 3) -> float:
-    kernel.run(x, fmt, state)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        kernel.run(x, fmt, state)
-        best = min(best, time.perf_counter() - t0)
+def _time_all(candidates: list[Kernel], x: Tensor, fmt: WeightFormat, states: list, rounds: int = 5) -> dict[str, float]:
+    """Best time of each candidate over ``rounds`` interleaved rounds (a busy moment hits every candidate)."""
+    for k, st in zip(candidates, states):
+        k.run(x, fmt, st)
+    best = {k.name: float("inf") for k in candidates}
+    for _ in range(rounds):
+        for k, st in zip(candidates, states):
+            t0 = time.perf_counter()
+            k.run(x, fmt, st)
+            best[k.name] = min(best[k.name], time.perf_counter() - t0)
     return best
 
 
 def choose(fmt: WeightFormat, m: int, plans: dict) -> Kernel:
-    """The kernel for ``fmt`` at ``m`` rows: forced, remembered, or timed now on this layer."""
+    """The kernel for ``fmt`` at ``m`` rows: forced, remembered (this process, or this machine's
+    :func:`choices_file`), or timed now on this layer and remembered."""
     forced = _forced()
     if forced:
         kernel = KERNELS.get(forced)
@@ -209,14 +278,17 @@ def choose(fmt: WeightFormat, m: int, plans: dict) -> Kernel:
     candidates = [k for k in KERNELS.values() if k.supports(fmt) and k.available()]
     if len(candidates) == 1:
         return candidates[0]
-    key = (tuple(sorted(fmt.meta().items(), key=str)).__repr__(), _row_bucket(m))
-    if key not in _CHOICE:
+    key = f"{sorted(fmt.meta().items(), key=str)!r} rows={_row_bucket(m)} threads={torch.get_num_threads()}"
+    name = _remembered(key)
+    if name is None or not any(k.name == name for k in candidates):
         x = torch.randn(_row_bucket(m), fmt.shape[1])
         # losers' states are built for the timing only and dropped: a layer keeps one plan per kernel it uses
-        times = {k.name: _time(k, x, fmt, plans[k.name] if k.name in plans else k.prepare(fmt)) for k in candidates}
-        _CHOICE[key] = min(times, key=times.get)
-        log.debug("kernel for %s rows=%d: %s (%s)", fmt.meta(), _row_bucket(m), _CHOICE[key], times)
-    return KERNELS[_CHOICE[key]]
+        states = [plans[k.name] if k.name in plans else k.prepare(fmt) for k in candidates]
+        times = _time_all(candidates, x, fmt, states)
+        name = min(times, key=times.get)
+        _remember(key, name, times)
+        log.debug("kernel for %s: %s (%s)", key, name, times)
+    return KERNELS[name]
 
 
 def _state(kernel: Kernel, fmt: WeightFormat, plans: dict) -> Any:
