@@ -204,7 +204,7 @@ def test_quant_linear_forced_fused(forced, rows):
     y = mod(x)
     assert y.shape == (2, rows, 192)
     check_close(y.reshape(-1, 192), x.reshape(-1, 576).double() @ fmt.dequantize().double().T + bias.double(), "module")
-    assert set(mod._plans) == {"fused"}
+    assert set(mod._plans) - {kernels._BOUND} == {"fused"}
     assert isinstance(mod._plans["fused"], _ext.FusedPlan)
     plan = mod._plans["fused"]
     assert plan.codes.dtype == torch.uint8 and plan.codes.shape == fmt.codes.shape      # same bytes, repacked

@@ -101,9 +101,12 @@ def peak_rss_of_load(
 
 
 def _child_env() -> dict[str, str]:
-    """The current environment, with the directory holding this ``lowbit`` first on PYTHONPATH."""
+    """The current environment, with the directory holding this ``lowbit`` first on PYTHONPATH, and the
+    eager decode path (``LOWBIT_COMPILE=0``): the figure is the model's memory while it generates, not
+    the one-time cost of compiling its decode step."""
     src = str(Path(__file__).resolve().parents[2])  # .../src, parent of the lowbit package
     env = dict(os.environ)
+    env["LOWBIT_COMPILE"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
     return env
 

@@ -26,7 +26,8 @@ lower one).
 Which is fastest depends on the shape and the number of rows of ``x`` (at batch 1 on small
 CPUs the aten kernels can lose to a dequantize + fp32 matmul), so the first call for a
 (format layout, shape, row bucket, thread count) times every supported candidate on that layer's
-weight (best of 5 interleaved rounds) and remembers the winner for the machine: in
+weight (best of 5 interleaved rounds) and remembers the winner; measured on an idle enough machine
+(1-minute load average at most 1.25 per CPU) it is kept for the machine: in
 :func:`choices_file` (``<cache>/kernels/choices-<machine>.json``; ``LOWBIT_KERNEL_CHOICES=off`` keeps
 choices in the process only, ``LOWBIT_KERNEL_CHOICES=<path>`` puts them elsewhere; delete the file
 to measure again). ``LOWBIT_KERNEL=<name>`` forces one kernel wherever it
@@ -185,15 +186,20 @@ _CHOICE: dict[str, str] = {}              # choice key -> kernel name, this proc
 _CHOICES_LOADED: list = [None]            # path of the machine's file once read into _CHOICE
 
 
+_FILES: dict[str, Path | None] = {}      # LOWBIT_KERNEL_CHOICES value -> choices file (the key costs a hash)
+
+
 def choices_file() -> Path | None:
     """Where this machine's measured choices are kept: ``$LOWBIT_KERNEL_CHOICES`` (``off``: nowhere), else
     ``<cache>/kernels/choices-<machine>.json`` keyed by CPU model and features, torch version and the
     fused extension's build (a different machine, torch or kernel build measures again)."""
     env = os.environ.get("LOWBIT_KERNEL_CHOICES", "").strip()
-    if env.lower() == "off":
-        return None
-    if env:
-        return Path(env)
+    if env not in _FILES:
+        _FILES[env] = None if env.lower() == "off" else Path(env) if env else _machine_file()
+    return _FILES[env]
+
+
+def _machine_file() -> Path:
     from lowbit.cache import cache_dir
 
     cpu = platform.processor() or platform.machine()
@@ -226,10 +232,19 @@ def _read_choices(path: Path) -> dict[str, str]:
         return {}                         # absent or unreadable: measure again (and rewrite it)
 
 
+def _busy() -> bool:
+    """Whether other work competes for the CPU: then a timing favours single-threaded kernels (a
+    multi-threaded one waits for its preempted threads), so its choice is not kept for the machine."""
+    try:
+        return os.getloadavg()[0] > 1.25 * (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
 def _remember(key: str, name: str, times: dict[str, float]) -> None:
     _CHOICE[key] = name
     path = choices_file()
-    if path is None:
+    if path is None or _busy():
         return
     from lowbit.cache import atomic_file
 
@@ -307,9 +322,20 @@ def bind(fmt: WeightFormat, m: int, plans: dict) -> tuple[Kernel, Any]:
     return kernel, _state(kernel, base, plans)
 
 
+_BOUND = "_bound"          # key in a module's plans: its bound kernel per (row bucket, forced kernel, threads)
+
+
 def linear(x: Tensor, fmt: WeightFormat, bias: Tensor | None, plans: dict) -> Tensor:
-    """``x @ W.T + bias`` for x (..., in); ``plans`` is the calling module's per-kernel state."""
-    return linear_bound(x, fmt, bias, bind(fmt, x.numel() // x.shape[-1], plans), plans)
+    """``x @ W.T + bias`` for x (..., in); ``plans`` is the calling module's per-kernel state.
+
+    The kernel is bound once per module and row bucket (and per ``LOWBIT_KERNEL`` value and thread
+    count), so later calls go straight to it: an eager decode step makes hundreds of these calls."""
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    memo = (_row_bucket(m), os.environ.get("LOWBIT_KERNEL"), torch.get_num_threads())
+    bound = plans.setdefault(_BOUND, {}).get(memo)
+    if bound is None:
+        bound = plans[_BOUND][memo] = bind(fmt, m, plans)
+    return linear_bound(x, fmt, bias, bound, plans)
 
 
 def linear_bound(x: Tensor, fmt: WeightFormat, bias: Tensor | None, bound: tuple[Kernel, Any], plans: dict) -> Tensor:

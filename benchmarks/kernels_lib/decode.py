@@ -1,0 +1,199 @@
+"""End-to-end greedy decode through ``generate()``: fp32 and lowbit RTN presets, with and without the int8 head.
+
+A quantized row is ``lowbit.quantize(MODEL, recipe)`` saved under ``<work>/checkpoints/<row>`` (reused
+while its recipe and source match), then loaded back with ``lowbit.load_model`` in a fresh process
+and timed with ``lowbit.evaluate.speed.decode_speed`` (the prefill time is that function's
+median forward over the prompt). Quantizing runs in a process of its own, so the measuring
+process's peak RSS is that of loading and generating only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.errors import RecipeError
+from lowbit.evaluate.speed import DEFAULT_PROMPT, decode_speed
+from lowbit.models import resolve_source
+from lowbit.modules.quant_linear import footprint
+from lowbit.recipe import PRESETS, Recipe
+
+from .common import MODEL, Settings, peak_rss_mb
+
+DECODE_PRESETS = ("w8", "w4g128", "w3g128", "w2g64")
+HEAD_SUFFIX = "-head8"
+EAGER_SUFFIX = "-eager"
+FLOOR_SUFFIX = "-floor"
+
+
+class NotAvailable(Exception):
+    """The row cannot be built with this lowbit (e.g. no int8-head recipe option yet)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """fp32 (``preset`` None), or a lowbit preset with (``head``) or without the int8 head."""
+
+    preset: str | None
+    head: bool = False
+    eager: bool = False                  # LOWBIT_COMPILE=0: the eager decode path instead of the compiled one
+    floor: bool = False                  # every linear layer (and the head) a free stub: the framework's own cost
+
+    @property
+    def name(self) -> str:
+        base = "fp32" if self.preset is None else self.preset + (HEAD_SUFFIX if self.head else "")
+        return base + (EAGER_SUFFIX if self.eager and self.preset is not None else "") + (FLOOR_SUFFIX if self.floor else "")
+
+    @property
+    def checkpoint_name(self) -> str:
+        return dataclasses.replace(self, eager=False, floor=False).name
+
+    @property
+    def config(self) -> str:
+        if self.floor:
+            return (f"floor: the {dataclasses.replace(self, floor=False).name} row with every linear layer and the head "
+                    "a free stub (returns zeros)")
+        if self.preset is None:
+            return "fp32 transformers model (lowbit.load_model), eager generate"
+        return (f"lowbit RTN preset {self.preset}" + (", head int8 (recipe head: int8)" if self.head else ", fp32 head")
+                + (", eager decode (LOWBIT_COMPILE=0)" if self.eager else ", compiled decode (lowbit.load default)"))
+
+    def recipe(self) -> Recipe:
+        """The recipe of this row; ``NotAvailable`` where this lowbit cannot express it."""
+        if not self.head:
+            return Recipe.preset(self.preset)
+        if "head" not in {f.name for f in dataclasses.fields(Recipe)}:
+            raise NotAvailable("recipe has no head option")
+        try:
+            return Recipe.from_dict({**PRESETS[self.preset], "head": "int8"}, name=self.checkpoint_name)
+        except RecipeError as e:
+            raise NotAvailable(f"recipe head: int8 refused: {e}") from None
+
+
+def unavailable(variant: Variant) -> str | None:
+    """Why this lowbit cannot build the row's recipe, or None."""
+    if variant.preset is None:
+        return None
+    try:
+        variant.recipe()
+    except NotAvailable as e:
+        return str(e)
+    return None
+
+
+def prompt_tokens() -> int:
+    """Tokens of the decode prompt, as the model's tokenizer encodes it (llama-bench's ``-p``)."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_source(MODEL).path)
+    return len(tokenizer(DEFAULT_PROMPT)["input_ids"])
+
+
+def variants() -> list[Variant]:
+    return ([Variant(None)] + [Variant(p, head) for p in DECODE_PRESETS for head in (False, True)]
+            + [Variant("w4g128", head, eager=True) for head in (False, True)]
+            + [Variant(None, floor=True), Variant("w4g128", True, eager=True, floor=True), Variant("w4g128", True, floor=True)])
+
+
+class _Free(nn.Module):
+    """Stands in for a linear layer at no cost: zeros of the output's shape (the floor rows)."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def stub_linears(model: nn.Module) -> int:
+    """Replace every nn.Linear and QuantLinear of ``model`` (the head included) by :class:`_Free`; returns how many."""
+    from lowbit.modules import QuantLinear
+
+    names = [(n, m.out_features) for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    for name, out_f in names:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, _Free(out_f))
+    return len(names)
+
+
+def find_variant(name: str) -> Variant:
+    (variant,) = [v for v in variants() if v.name == name]
+    return variant
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def checkpoint_path(variant: Variant, work: Path) -> Path:
+    return work / "checkpoints" / variant.checkpoint_name
+
+
+def checkpoint_current(variant: Variant, work: Path) -> bool:
+    """Whether the saved checkpoint was made by this row's recipe from the current source model."""
+    meta_file = checkpoint_path(variant, work) / "lowbit.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return meta["recipe"] == variant.recipe().to_dict() and meta["source"].get("sha256") == resolve_source(MODEL).sha256
+
+
+def quantize(variant: Variant, work: Path) -> None:
+    """Quantize and save this row's checkpoint (run in its own process: ``kernels.py --quantize``)."""
+    q = lowbit.quantize(MODEL, variant.recipe(), progress=False)
+    q.save(checkpoint_path(variant, work), force=True)
+
+
+def ensure_checkpoint(variant: Variant, work: Path, script: Path) -> Path:
+    """The row's checkpoint, quantized first (in a child process) unless current."""
+    if not checkpoint_current(variant, work):
+        done = subprocess.run([sys.executable, str(script), "--quantize", variant.name, "--work", str(work)],
+                              check=False, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
+            raise RuntimeError(f"quantizing {variant.name} failed (exit {done.returncode}): "
+                               + (tail[-1] if tail else "no output"))
+    return checkpoint_path(variant, work)
+
+
+# -- measuring -----------------------------------------------------------------------------------
+def bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer once (shared storage once),
+    except the tables of an input embedding not shared with the head, of which one row is read per token."""
+    head = model.get_output_embeddings()
+    head_ptrs = {t.data_ptr() for t in chain(head.parameters(), head.buffers())}
+    emb = model.get_input_embeddings()
+    emb_only = {t.data_ptr() for t in chain(emb.parameters(), emb.buffers())} - head_ptrs
+    seen, total = set(), 0
+    for t in chain(model.parameters(), model.buffers()):
+        ptr = t.data_ptr()
+        if t.device.type == "meta" or ptr in seen:
+            continue
+        seen.add(ptr)
+        total += t.nbytes // t.shape[0] if ptr in emb_only and t.dim() == 2 else t.nbytes
+    return total
+
+
+def measure(variant: Variant, settings: Settings, work: Path, script: Path) -> dict:
+    """Load the row's model in this process and time greedy decode through ``generate``."""
+    source = MODEL if variant.preset is None else str(ensure_checkpoint(variant, work, script))
+    torch.set_num_threads(settings.threads)
+    if variant.eager:
+        os.environ["LOWBIT_COMPILE"] = "0"
+    loaded = lowbit.load_model(source)
+    stubs = stub_linears(loaded.model) if variant.floor else 0
+    rss_load = peak_rss_mb()
+    speed = decode_speed(loaded.model, loaded.tokenizer, DEFAULT_PROMPT, settings.new_tokens, settings.repeats)
+    return {"speed": speed.to_dict(), "decode_tokens_per_s": speed.decode_tokens_per_s, "prefill_s": speed.prefill_s,
+            "prompt_tokens": speed.prompt_tokens, "bytes_per_token": bytes_per_token(loaded.model),
+            "footprint": footprint(loaded.model).to_dict(), "peak_rss_load_mb": rss_load, "peak_rss_mb": peak_rss_mb(),
+            "stubbed_linears": stubs}
