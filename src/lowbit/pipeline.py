@@ -156,7 +156,7 @@ def window_slice(inp: BlockInput, a: int, z: int) -> BlockInput:
 def run_block(block: nn.Module, inputs: list[BlockInput], dtype: torch.dtype = torch.float32) -> list[BlockInput]:
     """The block's outputs, packaged as the next block's inputs (forward under bf16 autocast if ``dtype`` is bf16)."""
     out = []
-    with torch.no_grad(), _autocast(dtype), dense_weights(block):
+    with torch.no_grad(), _autocast(dtype), dense_weights(block, dtype):
         for inp in inputs:
             y = block(inp.hidden, *inp.args, **inp.kwargs)
             y = y[0] if isinstance(y, tuple) else y

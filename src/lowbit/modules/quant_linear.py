@@ -72,8 +72,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._dense is not None:
-            return F.linear(x, self._dense.to(x.dtype) if not torch.is_autocast_enabled("cpu") else self._dense,
-                            self.bias)
+            if torch.is_autocast_enabled("cpu"):
+                return F.linear(x, self._dense, self.bias)
+            return F.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if torch.is_autocast_enabled("cpu"):
             # mixed-precision passes (the pipeline's bf16 calibration forwards): the weight in full, so
             # that autocast runs the matmul in its low precision like every other layer's
@@ -101,13 +102,14 @@ class QuantLinear(nn.Module):
 
 
 @contextmanager
-def dense_weights(root: nn.Module):
+def dense_weights(root: nn.Module, dtype: torch.dtype = torch.float32):
     """While active, every :class:`QuantLinear` under ``root`` multiplies by its weight dequantized once on
-    entry (fp32), instead of decoding it on each call: for passes of many large batches, such as the
-    pipeline's calibration forwards. The copies are dropped on exit."""
+    entry (``dtype``: fp32, or bf16 for passes under bf16 autocast, which would cast it on every call),
+    instead of decoding it on each call: for passes of many large batches, such as the pipeline's
+    calibration forwards. The copies are dropped on exit."""
     mods = [m for m in root.modules() if isinstance(m, QuantLinear)]
     for m in mods:
-        m._dense = m.fmt.dequantize(torch.float32)
+        m._dense = m.fmt.dequantize(torch.float32).to(dtype)
     try:
         yield
     finally:

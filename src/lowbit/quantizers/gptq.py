@@ -79,6 +79,7 @@ def gptq(weight: Tensor, hessian: Tensor, spec: QuantSpec, damp: float = 0.01, b
         wb = w[:, i1:i2].clone()                                            # (out, b)
         err = torch.empty_like(wb)
         ub = u[i1:i2, i1:i2]
+        qb = torch.empty_like(wb)                                           # the block's codes, as floats
         if fixed:                                                           # every column's group parameters, known now
             sb, zb = s32[:, group_of[i1:i2]], z32[:, group_of[i1:i2]]
         for i in range(i2 - i1):
@@ -92,11 +93,12 @@ def gptq(weight: Tensor, hessian: Tensor, spec: QuantSpec, damp: float = 0.01, b
                     scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
                     s32[:, g], z32[:, g] = sg[:, 0].float(), zg[:, 0].float()
                 s, z = s32[:, g], z32[:, g]
-            qc = torch.round(wb[:, i] / s + z).clamp_(0, spec.maxq)
-            q[:, col] = qc.to(torch.uint8)
-            e = (wb[:, i] - (qc - z) * s) / ub[i, i]
+            qc = qb[:, i]
+            torch.round(wb[:, i] / s + z, out=qc).clamp_(0, spec.maxq)
+            e = err[:, i]
+            torch.sub(wb[:, i], (qc - z) * s, out=e).div_(ub[i, i])
             wb[:, i:].addr_(e, ub[i, i:], alpha=-1)                         # rank-1 update, in place
-            err[:, i] = e
+        q[:, i1:i2] = qb.to(torch.uint8)
         w[:, i2:] -= err @ u[i1:i2, i2:]
 
     codes = torch.empty_like(q)
