@@ -82,3 +82,40 @@ def test_gptq_lowers_model_output_error_against_rtn():
         with torch.no_grad():
             errs[method] = (m(ids).logits - target).pow(2).mean().item()
     assert errs["gptq"] < errs["rtn"], errs
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_stacked_layers_get_what_each_gets_alone(act_order):
+    """Layers reading one input (q/k/v, gate/up) are quantized as one stacked matrix: each row gets the
+    codes it would get alone (the summation order of the block updates may differ in the last bit)."""
+    h = hessian_of(correlated_inputs())
+    g = torch.Generator().manual_seed(3)
+    w1, w2 = torch.randn(64, 96, generator=g), torch.randn(24, 96, generator=g)
+    spec = QuantSpec(3, 32, False)
+    stacked = gptq(torch.cat([w1, w2]), h, spec, act_order=act_order)
+    for (a, z), w in (((0, 64), w1), ((64, 88), w2)):
+        part, alone = stacked.rows(a, z), gptq(w, h, spec, act_order=act_order)
+        assert part.shape == alone.shape
+        assert (part.unpacked() == alone.unpacked()).float().mean() > 0.999
+        torch.testing.assert_close(part.dequantize(), alone.dequantize(), atol=1e-2, rtol=0)
+
+
+def test_pipeline_stacks_only_layers_sharing_a_hessian():
+    from lowbit.models.adapters import get_adapter
+    from lowbit.pipeline import _stacks
+    from lowbit.quantizers import get_method
+
+    model = tiny_model("llama")
+    block = get_adapter(model).blocks(model)[0][1]
+    refs = get_adapter(model).linears(block)
+    shared_qkv, shared_mlp, own_o, own_down = (torch.eye(4) for _ in range(4))
+    stats = {r: {"hessian": h} for r, h in (("self_attn.q_proj", shared_qkv), ("self_attn.k_proj", shared_qkv),
+                                             ("self_attn.v_proj", shared_qkv), ("self_attn.o_proj", own_o),
+                                             ("mlp.gate_proj", shared_mlp), ("mlp.up_proj", shared_mlp),
+                                             ("mlp.down_proj", own_down))}
+    units = _stacks(refs, stats, get_method("gptq"), Recipe.resolve("gptq-w4g128"))
+    assert sorted(map(tuple, units)) == sorted([("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                                ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"),
+                                                ("mlp.down_proj",)])
+    with_outliers = Recipe.from_dict({**Recipe.resolve("gptq-w4g128").to_dict(), "outliers": 0.01})
+    assert all(len(u) == 1 for u in _stacks(refs, stats, get_method("gptq"), with_outliers))

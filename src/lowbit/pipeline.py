@@ -255,12 +255,21 @@ def quantize_block(block_name: str, block: nn.Module, adapter: Adapter, method: 
         stats = scale_block(block_name, block, adapter, recipe, stats, inputs)
     formats: dict[str, WeightFormat] = {}
     records: dict[str, LayerRecord] = {}
+    weights = {}
     for rel, ref in refs.items():
-        w = ref.weight()
-        if not torch.isfinite(w).all():
+        weights[rel] = ref.weight()
+        if not torch.isfinite(weights[rel]).all():
             raise WeightValueError(f"{block_name}.{rel}: weight holds NaN or Inf; "
                                    "the source model is damaged, fix or re-export it before quantizing")
-        formats[rel] = quantize_layer(method, w, stats.get(rel, {}), recipe)
+    for names in _stacks(refs, stats, method, recipe):
+        stacked = quantize_layer(method, torch.cat([weights[n] for n in names]), stats.get(names[0], {}), recipe)
+        if len(names) == 1:
+            formats[names[0]] = stacked
+            continue
+        start = 0
+        for n in names:
+            formats[n] = stacked.rows(start, start + weights[n].shape[0])
+            start += weights[n].shape[0]
     if recipe.learned is not None and formats:
         formats = refine_block(block_name, block, refs, formats, recipe, inputs, targets, seed)
     for rel, fmt in formats.items():
@@ -269,6 +278,19 @@ def quantize_block(block_name: str, block: nn.Module, adapter: Adapter, method: 
                                                      fmt.nbytes())
     adapter.install(block, formats)
     return records
+
+
+def _stacks(refs: dict, stats: dict[str, dict[str, Tensor]], method: Method, recipe: Recipe) -> list[list[str]]:
+    """The block's layers in quantization units: layers reading the same input (sharing one Hessian: q/k/v,
+    gate/up) form one unit when the method treats rows independently and no outliers are kept (their
+    fraction is per layer); every other layer is a unit of its own. Stacking gives each row what it would
+    get alone (up to floating-point summation order) with one factorization and one column loop."""
+    units: dict[int, list[str]] = {}
+    for rel, ref in refs.items():
+        h = stats.get(rel, {}).get("hessian")
+        stack = method.rows_independent and recipe.outliers <= 0 and h is not None and ref.param is None
+        units.setdefault(id(h) if stack else id(ref), []).append(rel)
+    return list(units.values())
 
 
 class _LearnedLinear(nn.Module):

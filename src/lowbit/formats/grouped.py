@@ -101,6 +101,12 @@ class GroupedInt(WeightFormat, kind="grouped_int"):
         return cls(codes, torch.zeros(out_f, g, dtype=torch.float16), zero, spec, in_f)
 
     # -- reading ----------------------------------------------------------------------
+    def rows(self, start: int, stop: int) -> "GroupedInt":
+        """Output rows ``start:stop`` as a format of their own (codes, scales and zeros are stored per row)."""
+        zero = None if self.zero is None else self.zero[start:stop].clone()
+        return GroupedInt(self.codes[start:stop].clone(), self.scale[start:stop].clone(), zero, self.spec,
+                          self.in_features)
+
     def unpacked(self) -> Tensor:
         """uint8 codes (out, in)."""
         return unpack_codes(self.codes, self.spec.bits, self.in_features)

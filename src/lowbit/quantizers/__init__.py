@@ -36,6 +36,9 @@ class Method:
     options: Mapping[str, Any] = field(default_factory=dict)   # option name -> default
     doc: str = ""
     extra_needs: Callable[[Mapping[str, Any]], frozenset[str]] | None = None   # needs that depend on options
+    # each output row's result depends only on that row and the statistics: layers reading the same input
+    # (q/k/v, gate/up) may be quantized as one stacked matrix (one Hessian factorization, one column loop)
+    rows_independent: bool = False
 
     def needs_for(self, options: Mapping[str, Any]) -> frozenset[str]:
         """The statistics this method needs with ``options`` (merged with the defaults)."""
@@ -74,13 +77,15 @@ def get_method(name: str) -> Method:
 
 _CLIP = {"clip": "none", "grid": 20, "min_ratio": 0.5}      # range fitting, see rtn.clip_qparams
 
-register(Method("rtn", lambda w, stats, spec, opts: rtn(w, spec), doc="round to nearest on min-max ranges"))
+register(Method("rtn", lambda w, stats, spec, opts: rtn(w, spec), doc="round to nearest on min-max ranges",
+                rows_independent=True))
 register(Method(
     "rtn_clip",
     lambda w, stats, spec, opts: rtn_clip(w, spec, opts["grid"], opts["min_ratio"], opts["objective"],
                                           stats.get("hessian")),
     options={"grid": 20, "min_ratio": 0.5, "objective": "weight"},
     extra_needs=lambda opts: frozenset({"hessian"}) if opts["objective"] == "output" else frozenset(),
+    rows_independent=True,
     doc="round to nearest, each group's range shrunk by the ratio in [min_ratio, 1] that minimises its weight "
         "error (objective: weight) or its layer-output error through the input Hessian (objective: output)",
 ))
@@ -91,6 +96,7 @@ register(Method(
                                       clip=opts["clip"], grid=opts["grid"], min_ratio=opts["min_ratio"]),
     needs=frozenset({"hessian"}),
     options={"damp": 0.01, "block": 128, "act_order": True, **_CLIP},
+    rows_independent=True,
     doc="GPTQ: column-by-column rounding with inverse-Hessian error feedback; act-order with static groups; "
         "clip: weight|output fits the group ranges by a clipping search first",
 ))
