@@ -122,14 +122,10 @@ def peak_rss_mb() -> float | None:
 
 # -- the machine --------------------------------------------------------------------------------
 def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    """The CPU's feature flags, as lowbit's kernel build reads them."""
+    from lowbit.kernels._ext import _cpu_flags
+
+    return _cpu_flags()
 
 
 def cpu_model() -> str:
