@@ -439,11 +439,15 @@ def _output_skipped(module: nn.Module | None):
         yield
         return
     out_f = module.weight.shape[1] if isinstance(module, Conv1D) else module.weight.shape[0]
-    module.forward = lambda x: x.new_zeros(*x.shape[:-1], out_f)
+    own = vars(module).get("forward")                   # an instance-level forward (e.g. accelerate's hooks)
+    module.forward = lambda x, *args, **kwargs: x.new_zeros(*x.shape[:-1], out_f)
     try:
         yield
     finally:
-        del module.forward
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def scale_block(block_name: str, block: nn.Module, adapter: Adapter, recipe: Recipe,

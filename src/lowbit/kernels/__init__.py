@@ -241,7 +241,7 @@ def _busy() -> bool:
         return False
 
 
-def _remember(key: str, name: str, times: dict[str, float]) -> None:
+def _remember(key: str, name: str) -> None:
     _CHOICE[key] = name
     path = choices_file()
     if path is None or _busy():
@@ -301,7 +301,7 @@ def choose(fmt: WeightFormat, m: int, plans: dict) -> Kernel:
         states = [plans[k.name] if k.name in plans else k.prepare(fmt) for k in candidates]
         times = _time_all(candidates, x, fmt, states)
         name = min(times, key=times.get)
-        _remember(key, name, times)
+        _remember(key, name)
         log.debug("kernel for %s: %s (%s)", key, name, times)
     return KERNELS[name]
 
