@@ -50,10 +50,15 @@ def random_format(out_f, in_f, spec, seed=0):
     return GroupedInt.pack(q, scale, zero, spec), w64
 
 
-def check_close(y, y64, what):
+# kernels that are not fp32 arithmetic (fused_q8 quantizes x to int8; tests/test_kernels_q8.py checks its
+# arithmetic to 1e-4) are held to their documented bound
+REL_TOL = {k.name: k.max_rel_error for k in KERNELS.values() if k.max_rel_error}
+
+
+def check_close(y, y64, what, rel=1e-3):
     assert y.dtype == torch.float32 and y.shape == y64.shape, what
     err = (y.double() - y64).abs().max().item()
-    tol = 1e-3 * y64.abs().max().item() + 1e-4
+    tol = rel * y64.abs().max().item() + 1e-4
     assert err <= tol, f"{what}: max abs diff {err:.3g} > {tol:.3g}"
 
 
@@ -86,7 +91,8 @@ def test_kernels_match_float64_reference(bits, out_f, in_f):
                 state = kernel.prepare(fmt)
                 for m, x in xs.items():
                     y = kernel.run(x, fmt, state)
-                    check_close(y, x.double() @ w64.T, f"{kernel.name} {spec} {out_f}x{in_f} rows={m}")
+                    check_close(y, x.double() @ w64.T, f"{kernel.name} {spec} {out_f}x{in_f} rows={m}",
+                                REL_TOL.get(kernel.name, 1e-3))
                     n_checked += 1
     assert n_checked >= 4 * 2 * len(groups_for(in_f))                    # the reference kernel ran everywhere
 
@@ -111,7 +117,7 @@ def test_forced_kernel_through_linear_3d_input_and_bias(forced, name, symmetric)
     plans = {}
     y = kernels.linear(x, fmt, bias, plans)
     assert y.shape == (2, 5, 192)
-    check_close(y.reshape(10, 192), x.reshape(10, 576).double() @ w64.T + bias.double(), name)
+    check_close(y.reshape(10, 192), x.reshape(10, 576).double() @ w64.T + bias.double(), name, REL_TOL.get(name, 1e-3))
     assert set(plans) - {kernels._BOUND} == {name}                                            # the forced kernel ran, nothing else
     # half-precision input comes back in its own dtype
     assert kernels.linear(x.bfloat16(), fmt, None, plans).dtype == torch.bfloat16
@@ -133,7 +139,9 @@ def test_automatic_choice_is_correct(forced):
         fmt, w64 = random_format(192, 512, spec)
         for m in ROWS:
             x = torch.randn(m, 512)
-            check_close(kernels.linear(x, fmt, None, {}), x.double() @ w64.T, f"auto {spec} rows={m}")
+            chosen = kernels.choose(fmt, m, {}).name
+            check_close(kernels.linear(x, fmt, None, {}), x.double() @ w64.T, f"auto ({chosen}) {spec} rows={m}",
+                        REL_TOL.get(chosen, 1e-3))
 
 
 def test_choice_is_measured_once_per_machine(forced, monkeypatch, tmp_path):
@@ -313,7 +321,9 @@ def test_load_state_dict_replaces_weights_and_plans(forced):
     b.load_state_dict(a.state_dict())
     y = b(x)
     assert not torch.allclose(y, y_b_before)
-    torch.testing.assert_close(y, F.linear(x, fmt_a.dequantize(), b_a), rtol=1e-4, atol=1e-4)
+    chosen = kernels.choose(fmt_a, 3, {}).name
+    check_close(y, F.linear(x.double(), fmt_a.dequantize().double(), b_a.double()), "after load_state_dict",
+                REL_TOL.get(chosen, 1e-4))
     # into an empty module built from the metadata
     forced("reference")
     e = QuantLinear.empty(a.meta, bias=True)

@@ -59,7 +59,7 @@ def fast_decode(model: nn.Module, enable: bool | None = None) -> bool:
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             mod.prepare_decode()
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    _use_lowbit_inductor_cache()
     options = {}
     guard_filter = _guard_filter()
     if guard_filter is not None:
@@ -84,3 +84,20 @@ def _guard_filter():
     if os.environ.get("LOWBIT_COMPILE_GUARDS", "").strip() == "all":
         return None
     return getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+
+
+def _use_lowbit_inductor_cache() -> None:
+    """Point inductor's cache at ``<lowbit cache>/inductor`` unless the user chose one.
+
+    ``import torch._dynamo`` already wrote torch's default (``/tmp/torchinductor_<user>``) into
+    ``TORCHINDUCTOR_CACHE_DIR``, so that value counts as unset; inductor reads the variable on every
+    compilation, so setting it here takes effect for the decode step."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        default = os.path.abspath(default_cache_dir())
+    except ImportError:                      # another torch layout: leave inductor's choice alone
+        return
+    if current is None or os.path.abspath(current) == default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")

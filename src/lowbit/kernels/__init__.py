@@ -15,6 +15,11 @@ fused       grouped_int 2/3/4/8-bit, any group size       lowbit's C++ extension
                                                           chosen at run time); more rows dequantize a
                                                           small tile at a time into a register-blocked
                                                           FMA microkernel
+fused_q8    grouped_int 2/3/4/8-bit, per channel or       the same extension with AVX-512 VNNI: x
+            groups of a multiple of 64; at most 8 rows    quantized per call to int8 per 32 columns,
+                                                          integer dot products of 64 columns per
+                                                          instruction (decode only; within 2e-2 of
+                                                          fp32, ``LOWBIT_INT8_ACT=0`` leaves it out)
 ==========  ============================================  ===========================================
 
 ``fused`` compiles on first use into lowbit's cache (see :mod:`lowbit.kernels._ext`); where that is
@@ -68,6 +73,8 @@ KERNELS: dict[str, "Kernel"] = {}
 
 class Kernel(ABC):
     name: str
+    max_rows: int | None = None      # the automatic choice offers it only up to this many rows of x
+    max_rel_error: float | None = None   # not fp32 arithmetic: its documented error bound, relative to max |y|
 
     def __init_subclass__(cls, register: bool = True, **kw):
         super().__init_subclass__(**kw)
@@ -171,9 +178,38 @@ class Fused(Kernel, register=False):
         return _ext.linear(x if x.dtype == torch.float32 else x.float(), state)
 
 
-# LOWBIT_NO_EXT=1 leaves the kernel out entirely (LOWBIT_KERNEL=fused then means reference)
+class FusedQ8(Kernel, register=False):
+    """The fused GEMV with x quantized per call to int8 per 32 columns, multiplied with AVX-512 VNNI dot products
+    (as llama.cpp's Q8_0 activations); see ``csrc/fused_vnni.cpp``.  Offered for decode (at most 8 rows of x,
+    so prefill, perplexity and calibration never run it) where the CPU has VNNI, for groups of a multiple of 64
+    columns or per channel.  Its products are within about 1e-2 (relative to the output's largest value) of
+    fp32; ``LOWBIT_INT8_ACT=0`` leaves it out of the automatic choice."""
+
+    name = "fused_q8"
+    max_rows = 8
+    max_rel_error = 2e-2
+
+    def supports(self, fmt):
+        return Fused.supports(self, fmt) and _ext.q8_supports(fmt)
+
+    def available(self):
+        if os.environ.get("LOWBIT_INT8_ACT", "1").strip().lower() in ("0", "false", "no", "off"):
+            return False
+        return _ext.q8_available()
+
+    def prepare(self, fmt):
+        return _ext.prepare(fmt, layout=1) if _ext.q8_available() else None
+
+    def run(self, x, fmt, state):
+        if state is None or (x.requires_grad and torch.is_grad_enabled()):
+            return F.linear(x, fmt.dequantize(x.dtype))
+        return _ext.linear_q8(x if x.dtype == torch.float32 else x.float(), state)
+
+
+# LOWBIT_NO_EXT=1 leaves the kernels out entirely (LOWBIT_KERNEL=fused then means reference)
 if not _ext.disabled():
     KERNELS[Fused.name] = Fused()
+    KERNELS[FusedQ8.name] = FusedQ8()
 
 
 def fused_info() -> dict:
@@ -263,7 +299,7 @@ def _row_bucket(m: int) -> int:
 
 def _forced() -> str | None:
     name = os.environ.get("LOWBIT_KERNEL")
-    if name and name not in KERNELS and name != Fused.name:
+    if name and name not in KERNELS and name not in (Fused.name, FusedQ8.name):
         from lowbit.errors import LowbitError
 
         raise LowbitError(f"LOWBIT_KERNEL={name!r} unknown; known: {', '.join(sorted(KERNELS))}")
@@ -290,10 +326,14 @@ def choose(fmt: WeightFormat, m: int, plans: dict) -> Kernel:
     if forced:
         kernel = KERNELS.get(forced)
         return kernel if kernel is not None and kernel.supports(fmt) else KERNELS["reference"]
-    candidates = [k for k in KERNELS.values() if k.supports(fmt) and k.available()]
+    rows = _row_bucket(m)
+    candidates = [k for k in KERNELS.values()
+                  if k.supports(fmt) and k.available() and (k.max_rows is None or rows <= k.max_rows)]
     if len(candidates) == 1:
         return candidates[0]
-    key = f"{sorted(fmt.meta().items(), key=str)!r} rows={_row_bucket(m)} threads={torch.get_num_threads()}"
+    # the candidates are part of the key: a choice made without one (LOWBIT_INT8_ACT=0) is not reused with it
+    key = (f"{sorted(fmt.meta().items(), key=str)!r} rows={rows} threads={torch.get_num_threads()} "
+           f"of={','.join(sorted(k.name for k in candidates))}")
     name = _remembered(key)
     if name is None or not any(k.name == name for k in candidates):
         x = torch.randn(_row_bucket(m), fmt.shape[1])
@@ -331,7 +371,7 @@ def linear(x: Tensor, fmt: WeightFormat, bias: Tensor | None, plans: dict) -> Te
     The kernel is bound once per module and row bucket (and per ``LOWBIT_KERNEL`` value and thread
     count), so later calls go straight to it: an eager decode step makes hundreds of these calls."""
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    memo = (_row_bucket(m), os.environ.get("LOWBIT_KERNEL"), torch.get_num_threads())
+    memo = (_row_bucket(m), os.environ.get("LOWBIT_KERNEL"), os.environ.get("LOWBIT_INT8_ACT"), torch.get_num_threads())
     bound = plans.setdefault(_BOUND, {}).get(memo)
     if bound is None:
         bound = plans[_BOUND][memo] = bind(fmt, m, plans)

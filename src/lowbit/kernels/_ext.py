@@ -45,7 +45,7 @@ log = logging.getLogger("lowbit.kernels")
 
 NAME = "lowbit_fused"
 CSRC = Path(__file__).resolve().with_name("csrc")
-SOURCES = ("fused_ops.cpp", "fused_scalar.cpp", "fused_avx2.cpp", "fused_avx512.cpp")
+SOURCES = ("fused_ops.cpp", "fused_scalar.cpp", "fused_avx2.cpp", "fused_avx512.cpp", "fused_vnni.cpp")
 HEADERS = ("fused_common.h",)
 ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 ISA_NAMES = {1: "scalar", 2: "avx2", 3: "avx512"}
@@ -206,8 +206,13 @@ def _register_fakes() -> None:
         torch._check(x.dim() == 2 and codes.dim() == 2, lambda: "lowbit::grouped_linear: x and codes must be 2-D")
         return x.new_empty((x.shape[0], codes.shape[0]))
 
+    @torch.library.register_fake("lowbit::grouped_linear_q8")
+    def _linear_q8_fake(x, codes, scale, zero, bits, group_size, in_features):
+        torch._check(x.dim() == 2 and codes.dim() == 2, lambda: "lowbit::grouped_linear_q8: x and codes must be 2-D")
+        return x.new_empty((x.shape[0], codes.shape[0]))
+
     @torch.library.register_fake("lowbit::grouped_repack")
-    def _repack_fake(codes, bits, in_features):
+    def _repack_fake(codes, bits, in_features, layout=0):
         return torch.empty_like(codes, memory_format=torch.contiguous_format)
 
 
@@ -332,14 +337,16 @@ def check_format(fmt) -> None:
                              f"the packed tensors are corrupt or belong to another layer")
 
 
-def prepare(fmt) -> FusedPlan:
+def prepare(fmt, layout: int = 0) -> FusedPlan:
+    """The plan of :func:`linear` (``layout=0``) or :func:`linear_q8` (``layout=1``: 4-bit codes in the int8
+    kernel's nibble order; the other widths share layout 0)."""
     check_format(fmt)
     out_f, in_f = fmt.shape
     bits = fmt.spec.bits
     codes = fmt.codes.contiguous()
     if bits != 8:
         try:
-            codes = torch.ops.lowbit.grouped_repack(codes, bits, in_f)
+            codes = torch.ops.lowbit.grouped_repack(codes, bits, in_f, layout)
         except ValueError as e:
             raise _shape_error(e) from None
     zero = None if fmt.zero is None else fmt.zero.contiguous()
@@ -351,5 +358,26 @@ def linear(x: Tensor, plan: FusedPlan, mode: int = 0, isa: int | None = None) ->
     try:
         return torch.ops.lowbit.grouped_linear(x, plan.codes, plan.scale, plan.zero, plan.bits, plan.group_size,
                                                plan.in_features, requested_isa() if isa is None else isa, mode)
+    except ValueError as e:
+        raise _shape_error(e) from None
+
+
+def q8_available() -> bool:
+    """Whether the int8-activation kernel (:func:`linear_q8`) runs here: the extension and AVX-512 VNNI."""
+    return available() and bool(torch.ops.lowbit.fused_q8_available())
+
+
+def q8_supports(fmt) -> bool:
+    """Groups the int8-activation kernel covers: per channel or a multiple of 64 columns."""
+    g = fmt.spec.group_size
+    return g == -1 or g >= fmt.shape[1] or g % 64 == 0
+
+
+def linear_q8(x: Tensor, plan: FusedPlan) -> Tensor:
+    """``x @ W.T`` with x quantized per call to int8 per 32 columns (AVX-512 VNNI); ``plan`` from
+    ``prepare(fmt, layout=1)``.  Within about 1e-2 of the fp32 result, relative to its norm."""
+    try:
+        return torch.ops.lowbit.grouped_linear_q8(x, plan.codes, plan.scale, plan.zero, plan.bits, plan.group_size,
+                                                  plan.in_features)
     except ValueError as e:
         raise _shape_error(e) from None

@@ -42,6 +42,14 @@ struct Args {
   int64_t ldy;
 };
 
+// The int8-activation (q8) GEMV's extra inputs (fused_vnni.cpp): x quantized per 32 columns of the first P.
+struct Q8Args {
+  Args a;                  // a.x is only read for the columns from P on (exact tail)
+  const int8_t* xq;        // (m, P) int8
+  const float* sxv;        // (m, P / 64, 16): lane l of chunk k = scale of x's 32-column block 2k + l / 8
+  const float* xs;         // (m, G): sum of the dequantized x over each group's columns below P
+};
+
 static inline int64_t block_bytes(int bits) { return 8 * bits; }   // per 64 columns
 static inline int64_t prefix_cols(int64_t in) { return in & ~int64_t(63); }
 
@@ -138,6 +146,27 @@ static inline void repack_row(const uint8_t* src, uint8_t* dst, int bits, int64_
   memcpy(dst + pre, src + pre, (size_t)(row_bytes - pre));
 }
 
+// Layout 1 (the q8 kernel's 4-bit layout): column b of a 128-column block in the low nibble of byte b,
+// column 64 + b in its high nibble; a last half block (P % 128 == 64): column b low, 32 + b high.
+static inline void repack_row_q4n(const uint8_t* src, uint8_t* dst, int64_t in, int64_t row_bytes) {
+  const int64_t P = prefix_cols(in), full = P & ~int64_t(127);
+  for (int64_t c = 0; c < P; ++c) {
+    const unsigned q = stream_code(src, c, 4, row_bytes);
+    int64_t pos;
+    int sh;
+    if (c < full) {
+      pos = (c >> 7) * 64 + (c & 63);
+      sh = (c & 64) ? 4 : 0;
+    } else {
+      pos = full / 2 + ((c - full) & 31);
+      sh = ((c - full) & 32) ? 4 : 0;
+    }
+    if (!sh) dst[pos] = 0;
+    dst[pos] |= (uint8_t)(q << sh);
+  }
+  memcpy(dst + P / 2, src + P / 2, (size_t)(row_bytes - P / 2));
+}
+
 // sum_{c in [c0, c1)} w[o, c] * x[r, c] for r < m, added to acc[r]; w computed exactly as the reference
 // dequantization does: (float(q) - z) * s in fp32.  Scalar; used for tails and irregular groups.
 static inline void scalar_dot(const Args& a, int64_t o, int64_t c0, int64_t c1, int64_t m, float* acc) {
@@ -179,6 +208,8 @@ bool gemv_avx2(const Args& a, int64_t o0, int64_t o1);
 bool dequant_avx2(const Args& a, int64_t o0, int64_t o1, float* w);
 bool gemv_avx512(const Args& a, int64_t o0, int64_t o1);
 bool dequant_avx512(const Args& a, int64_t o0, int64_t o1, float* w);
+bool gemv_q8_vnni(const Q8Args& q, int64_t o0, int64_t o1);
+void quantize_x_vnni(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum);
 bool gemm_avx2(const float* xp, int64_t m, int64_t K, const float* w, int64_t n, float* y, int64_t ldy);
 bool gemm_avx512(const float* xp, int64_t m, int64_t K, const float* w, int64_t n, float* y, int64_t ldy);
 

@@ -15,12 +15,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstring>
 #include <cstdlib>
 #include <memory>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "fused_common.h"
 
@@ -40,6 +42,19 @@ int cpu_best_isa() {
   return best;
 #else
   return ISA_SCALAR;
+#endif
+}
+
+// The int8-activation kernel needs AVX-512 (F, BW, VL) with VNNI.
+bool cpu_has_vnni() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return cpu_best_isa() >= ISA_AVX512 && __builtin_cpu_supports("avx512vnni");
+  }();
+  return ok;
+#else
+  return false;
 #endif
 }
 
@@ -238,7 +253,8 @@ void run_tiled(Args a, int isa, const at::Tensor& x, at::Tensor& y) {
 
 // ---- ops ---------------------------------------------------------------------------------------------
 
-at::Tensor grouped_repack(const at::Tensor& codes, int64_t bits, int64_t in) {
+at::Tensor grouped_repack(const at::Tensor& codes, int64_t bits, int64_t in, int64_t layout) {
+  TORCH_CHECK_VALUE(layout == 0 || layout == 1, "lowbit fused kernel: repack layout=", layout, " unknown (0 or 1)");
   TORCH_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 8, "lowbit fused kernel: bits=", bits,
                     " unsupported (2, 3, 4 or 8)");
   TORCH_CHECK_VALUE(codes.dim() == 2, "lowbit fused kernel: codes must be 2-D (out, bytes), got ", shape_str(codes));
@@ -249,7 +265,12 @@ at::Tensor grouped_repack(const at::Tensor& codes, int64_t bits, int64_t in) {
   const uint8_t* s = src.data_ptr<uint8_t>();
   uint8_t* d = dst.data_ptr<uint8_t>();
   at::parallel_for(0, src.size(0), 64, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o) repack_row(s + o * row_bytes, d + o * row_bytes, (int)bits, in, row_bytes);
+    for (int64_t o = o0; o < o1; ++o) {
+      if (layout == 1 && bits == 4)
+        repack_row_q4n(s + o * row_bytes, d + o * row_bytes, in, row_bytes);
+      else
+        repack_row(s + o * row_bytes, d + o * row_bytes, (int)bits, in, row_bytes);
+    }
   });
   return dst;
 }
@@ -278,6 +299,61 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& codes, const at
   return y;
 }
 
+// x @ W.T with x quantized to int8 per 32 columns (fused_vnni.cpp); codes in repack layout 1.  Rows of x
+// are taken 8 at a time; groups must be per channel or a multiple of 64 columns.
+at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                             const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size,
+                             int64_t in_features) {
+  TORCH_CHECK(cpu_has_vnni(), "lowbit fused kernel: the int8-activation kernel needs AVX-512 VNNI, which this CPU lacks");
+  Layer L = make_layer(codes, scale, zero, bits, group_size, in_features);
+  Args& a = L.a;
+  TORCH_CHECK_VALUE(a.G == 1 || a.gw % 64 == 0, "lowbit fused kernel: the int8-activation kernel needs per-channel "
+                    "scales or groups of a multiple of 64 columns, got group ", group_size);
+  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == in_features,
+                    "lowbit fused kernel: x must be float32 (rows, ", in_features, ") on the CPU for a ",
+                    a.out, "x", in_features, " layer, got ", shape_str(x));
+  const at::Tensor xc = x.contiguous();
+  const int64_t m = xc.size(0), P = a.P, nch = P / 64, nb = P / 32;
+  at::Tensor y = at::empty({m, a.out}, xc.options());
+  if (m == 0 || a.out == 0) return y.zero_();
+  const float* xd = xc.data_ptr<float>();
+  // per-thread scratch, grown as needed: a decode step calls this hundreds of times
+  thread_local std::vector<int8_t> xq_buf;
+  thread_local std::vector<float> f_buf;
+  xq_buf.resize((size_t)std::max<int64_t>(m * P, 1));
+  f_buf.resize((size_t)(m * nch * 16 + m * a.G + nb + 1));
+  int8_t* xq = xq_buf.data();
+  float* sxv = f_buf.data();
+  float* xs = sxv + m * nch * 16;
+  float* bsum = xs + m * a.G;
+  for (int64_t r = 0; r < m; ++r) {
+    quantize_x_vnni(xd + r * in_features, P, xq + r * P, sxv + r * nch * 16, bsum);
+    // the zero point's term uses the sum of the quantized x, so the result is exactly W @ dequant(xq): its
+    // error scales with q - z, not with q
+    for (int64_t g = 0; g < a.G; ++g) {
+      const int64_t b0 = g * a.gw / 32, b1 = std::min((g + 1) * a.gw, P) / 32;
+      float t = 0.f;
+      for (int64_t b = b0; b < b1; ++b) t += bsum[b];
+      xs[r * a.G + g] = t;
+    }
+  }
+  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(a.in * std::min<int64_t>(m, 8), 1));
+  for (int64_t r0 = 0; r0 < m; r0 += 8) {
+    Q8Args q;
+    q.a = a;
+    q.a.m = std::min<int64_t>(8, m - r0);
+    q.a.x = xd + r0 * a.ldx;
+    q.a.y = y.data_ptr<float>() + r0 * a.ldy;
+    q.xq = xq + r0 * P;
+    q.sxv = sxv + r0 * nch * 16;
+    q.xs = xs + r0 * a.G;
+    at::parallel_for(0, a.out, grain, [&](int64_t o0, int64_t o1) { gemv_q8_vnni(q, o0, o1); });
+  }
+  return y;
+}
+
+bool fused_q8_available() { return cpu_has_vnni(); }
+
 int64_t fused_cpu_isa(int64_t requested) { return resolve_isa(requested); }
 
 // How many threads at::parallel_for uses here for n tasks of one item each (it should follow
@@ -294,7 +370,11 @@ int64_t fused_parallel_threads(int64_t n) {
 }  // namespace lowbit_fused
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
-  m.def("grouped_repack(Tensor codes, int bits, int in_features) -> Tensor");
+  m.def("grouped_repack(Tensor codes, int bits, int in_features, int layout=0) -> Tensor");
+  m.def(
+      "grouped_linear_q8(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int bits, int group_size, "
+      "int in_features) -> Tensor");
+  m.def("fused_q8_available() -> bool", &lowbit_fused::fused_q8_available);
   m.def(
       "grouped_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int bits, int group_size, "
       "int in_features, int isa=0, int mode=0) -> Tensor");
@@ -305,4 +385,5 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("grouped_repack", &lowbit_fused::grouped_repack);
   m.impl("grouped_linear", &lowbit_fused::grouped_linear);
+  m.impl("grouped_linear_q8", &lowbit_fused::grouped_linear_q8);
 }

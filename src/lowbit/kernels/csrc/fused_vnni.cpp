@@ -1,0 +1,181 @@
+// AVX-512 VNNI path with int8 activations ("q8"): torch.ops.lowbit.grouped_linear_q8.
+//
+// Each row of x is quantized per call, per 32 columns, to int8 with one fp32 scale (absmax / 127, round
+// to nearest even), as llama.cpp does for its Q8_0 activations.  A 64-column chunk of a weight row is
+// decoded to 64 unsigned bytes in column order and multiplied with the chunk of x by one vpdpbusd
+// (16 int32 lanes, lane l = the 4 products of columns 4l..4l+3: exact), converted to fp32 and scaled per
+// lane by its 32-column block's x scale; per group the sum is scaled by the group's weight scale, and
+// the zero point enters once per group through the sum of the quantized x over the group, so the result
+// is the fp32 product of the weight with the dequantized x, xh_c = sx_b xq_c (up to fp32 rounding):
+//     sum_c (q_c - z) s xh_c  =  s * sum_b sx_b * sum_{c in b} q_c xq_c  -  s z sum_b sx_b sum_{c in b} xq_c.
+// Columns past the last multiple of 64 are computed exactly in fp32 (scalar_dot).
+//
+// Layout (fused_common.h) as the fp32 kernels, except 4 bits (repack layout 1): a 128-column block of
+// 64 bytes holds column b in the low nibble of byte b and column 64 + b in its high nibble; a last half
+// block of 64 columns (in % 128 >= 64) 32 bytes, column b low, 32 + b high.  2 bits: 16 bytes per 64
+// columns, bits 2j..2j+1 of byte l = column 16j + l, so broadcasting the 16 bytes to the four 128-bit
+// lanes and shifting lane j by 2j yields the columns in order; 3 bits add bit 2 from the 64-bit mask with
+// one masked byte add.  Groups: per channel, or a multiple of 64 columns (the Python side offers this
+// kernel only for those).
+#include "fused_common.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#endif
+
+namespace lowbit_fused {
+namespace {
+
+#define LB_INLINE inline __attribute__((always_inline))
+
+// 64 codes of chunk k (columns 64k .. 64k+63) of a row, as unsigned bytes in column order.
+template <int BITS>
+LB_INLINE __m512i chunk_codes(const uint8_t* row, int64_t k, int64_t full4) {
+  if (BITS == 8) return _mm512_loadu_si512(row + k * 64);
+  const __m512i lo4 = _mm512_set1_epi8(0x0f);
+  if (BITS == 4) {
+    if (k < full4) {
+      const __m512i v = _mm512_loadu_si512(row + (k >> 1) * 64);
+      return (k & 1) ? _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4) : _mm512_and_si512(v, lo4);
+    }
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + full4 * 32));
+    const __m256i m = _mm256_set1_epi8(0x0f);
+    const __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+  const uint8_t* blk = row + k * (BITS == 2 ? 16 : 24);
+  const __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+  const __m512i sh = _mm512_set_epi32(0x60006, 0x60006, 0x60006, 0x60006, 0x40004, 0x40004, 0x40004, 0x40004,
+                                      0x20002, 0x20002, 0x20002, 0x20002, 0, 0, 0, 0);  // lane j: 2j per 16 bits
+  __m512i q = _mm512_and_si512(_mm512_srlv_epi16(b, sh), _mm512_set1_epi8(3));
+  if (BITS == 3) {
+    uint64_t m;
+    memcpy(&m, blk + 16, 8);
+    q = _mm512_mask_add_epi8(q, (__mmask64)m, q, _mm512_set1_epi8(4));
+  }
+  return q;
+}
+
+// R output rows at a time (sharing each chunk of x), M rows of x.  The group's weight scale is folded into the
+// per-lane x scales when the group starts, so each chunk costs one vpdpbusd, one conversion, one multiply and
+// one FMA per (output row, x row); the zero point's term is a scalar sum per group.
+template <int BITS, int M, int R>
+void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
+  const Args& a = q.a;
+  const int64_t nch = a.P >> 6;
+  const int64_t cpg = a.G == 1 ? (nch > 0 ? nch : 1) : a.gw >> 6;
+  const int64_t full4 = (a.P & ~int64_t(127)) >> 6;
+  const __m512i zero = _mm512_setzero_si512();
+  const float zsym = (float)(1 << (a.bits - 1));
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) {
+    const uint8_t* row[R];
+    __m512 acc[R][M];
+    float zt[R][M];
+    for (int i = 0; i < R; ++i) {
+      row[i] = a.codes + (o + i) * a.row_bytes;
+      for (int r = 0; r < M; ++r) {
+        acc[i][r] = _mm512_setzero_ps();
+        zt[i][r] = 0.f;
+      }
+    }
+    int64_t k = 0;
+    for (int64_t g = 0; k < nch; ++g) {
+      const int64_t ke = k + cpg < nch ? k + cpg : nch;
+      __m512 sv[R];
+      for (int i = 0; i < R; ++i) {
+        const float s = _cvtsh_ss(a.scale[(o + i) * a.G + g]);
+        const float z = a.zero ? _cvtsh_ss(a.zero[(o + i) * a.G + g]) : zsym;
+        sv[i] = _mm512_set1_ps(s);
+        for (int r = 0; r < M; ++r) zt[i][r] += s * z * q.xs[r * a.G + g];
+      }
+      for (; k < ke; ++k) {
+        __m512i w[R];
+        for (int i = 0; i < R; ++i) w[i] = chunk_codes<BITS>(row[i], k, full4);
+        for (int r = 0; r < M; ++r) {
+          const __m512i xk = _mm512_loadu_si512(q.xq + r * a.P + k * 64);
+          const __m512 sx = _mm512_loadu_ps(q.sxv + (r * nch + k) * 16);
+          for (int i = 0; i < R; ++i) {
+            const __m512i d = _mm512_dpbusd_epi32(zero, w[i], xk);
+            acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sx, sv[i]), acc[i][r]);
+          }
+        }
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      float out[M];
+      for (int r = 0; r < M; ++r) out[r] = _mm512_reduce_add_ps(acc[i][r]) - zt[i][r];
+      if (a.P < a.in) scalar_dot(a, o + i, a.P, a.in, M, out);
+      for (int r = 0; r < M; ++r) a.y[r * a.ldy + o + i] = out[r];
+    }
+  }
+  if (R > 1 && o < o1) q8_rows<BITS, M, 1>(q, o, o1);
+}
+
+template <int BITS>
+void q8_m(const Q8Args& q, int64_t o0, int64_t o1) {
+  switch (q.a.m) {
+    case 1: q8_rows<BITS, 1, BITS == 8 ? 1 : 2>(q, o0, o1); break;  // measured: two weight rows
+      // at a time are faster for 2-4 bits, slower for 8 (SmolLM2's 49152x576 head: 2.5 ms against 1.2)
+    case 2: q8_rows<BITS, 2, 2>(q, o0, o1); break;
+    case 3: q8_rows<BITS, 3, 2>(q, o0, o1); break;
+    case 4: q8_rows<BITS, 4, 1>(q, o0, o1); break;
+    case 5: q8_rows<BITS, 5, 1>(q, o0, o1); break;
+    case 6: q8_rows<BITS, 6, 1>(q, o0, o1); break;
+    case 7: q8_rows<BITS, 7, 1>(q, o0, o1); break;
+    default: q8_rows<BITS, 8, 1>(q, o0, o1); break;
+  }
+}
+
+}  // namespace
+
+// Row of x (first P columns, P % 64 == 0) -> int8 codes, per-lane scales of each chunk, and each 32-column
+// block's dequantized sum (sx * sum xq).  Scale absmax / 127; round half to even (MXCSR default).
+void quantize_x_vnni(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum) {
+  for (int64_t b = 0; b < P / 32; ++b) {
+    const __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const float sx = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m512 iv = _mm512_set1_ps(inv);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    const __m512i q0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, iv)), lo), hi);
+    const __m512i q1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, iv)), lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + 32 * b), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + 32 * b + 16), _mm512_cvtepi32_epi8(q1));
+    _mm256_storeu_ps(sxv + (b >> 1) * 16 + (b & 1) * 8, _mm256_set1_ps(sx));
+    bsum[b] = sx * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+  }
+}
+
+bool gemv_q8_vnni(const Q8Args& q, int64_t o0, int64_t o1) {
+  switch (q.a.bits) {
+    case 2: q8_m<2>(q, o0, o1); break;
+    case 3: q8_m<3>(q, o0, o1); break;
+    case 4: q8_m<4>(q, o0, o1); break;
+    default: q8_m<8>(q, o0, o1); break;
+  }
+  return true;
+}
+
+}  // namespace lowbit_fused
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#else  // not x86-64
+
+namespace lowbit_fused {
+bool gemv_q8_vnni(const Q8Args&, int64_t, int64_t) { return false; }
+void quantize_x_vnni(const float*, int64_t, int8_t*, float*, float*) {}
+}  // namespace lowbit_fused
+
+#endif
