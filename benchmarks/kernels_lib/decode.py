@@ -34,6 +34,7 @@ DECODE_PRESETS = ("w8", "w4g128", "w3g128", "w2g64")
 HEAD_SUFFIX = "-head8"
 EAGER_SUFFIX = "-eager"
 FLOOR_SUFFIX = "-floor"
+FP32ACT_SUFFIX = "-fp32act"
 
 
 class NotAvailable(Exception):
@@ -48,25 +49,28 @@ class Variant:
     head: bool = False
     eager: bool = False                  # LOWBIT_COMPILE=0: the eager decode path instead of the compiled one
     floor: bool = False                  # every linear layer (and the head) a free stub: the framework's own cost
+    fp32act: bool = False                # LOWBIT_INT8_ACT=0: no int8-activation kernel (fused_q8) in the choice
 
     @property
     def name(self) -> str:
         base = "fp32" if self.preset is None else self.preset + (HEAD_SUFFIX if self.head else "")
-        return base + (EAGER_SUFFIX if self.eager and self.preset is not None else "") + (FLOOR_SUFFIX if self.floor else "")
+        return (base + (EAGER_SUFFIX if self.eager and self.preset is not None else "")
+                + (FP32ACT_SUFFIX if self.fp32act else "") + (FLOOR_SUFFIX if self.floor else ""))
 
     @property
     def checkpoint_name(self) -> str:
-        return dataclasses.replace(self, eager=False, floor=False).name
+        return dataclasses.replace(self, eager=False, floor=False, fp32act=False).name
 
     @property
     def config(self) -> str:
         if self.floor:
             return (f"floor: the {dataclasses.replace(self, floor=False).name} row with every linear layer and the head "
-                    "a free stub (returns zeros)")
+                    "a free stub (returns a stored row)")
         if self.preset is None:
             return "fp32 transformers model (lowbit.load_model), eager generate"
         return (f"lowbit RTN preset {self.preset}" + (", head int8 (recipe head: int8)" if self.head else ", fp32 head")
-                + (", eager decode (LOWBIT_COMPILE=0)" if self.eager else ", compiled decode (lowbit.load default)"))
+                + (", eager decode (LOWBIT_COMPILE=0)" if self.eager else ", compiled decode (lowbit.load default)")
+                + (", fp32 activations (LOWBIT_INT8_ACT=0)" if self.fp32act else ""))
 
     def recipe(self) -> Recipe:
         """The recipe of this row; ``NotAvailable`` where this lowbit cannot express it."""
@@ -102,6 +106,7 @@ def prompt_tokens() -> int:
 def variants() -> list[Variant]:
     return ([Variant(None)] + [Variant(p, head) for p in DECODE_PRESETS for head in (False, True)]
             + [Variant("w4g128", head, eager=True) for head in (False, True)]
+            + [Variant(p, True, fp32act=True) for p in ("w8", "w4g128")]
             + [Variant(None, floor=True), Variant("w4g128", True, eager=True, floor=True), Variant("w4g128", True, floor=True)])
 
 
@@ -192,11 +197,29 @@ def measure(variant: Variant, settings: Settings, work: Path, script: Path) -> d
     torch.set_num_threads(settings.threads)
     if variant.eager:
         os.environ["LOWBIT_COMPILE"] = "0"
+    if variant.fp32act:
+        os.environ["LOWBIT_INT8_ACT"] = "0"
     loaded = lowbit.load_model(source)
     stubs = stub_linears(loaded.model) if variant.floor else 0
     rss_load = peak_rss_mb()
     speed = decode_speed(loaded.model, loaded.tokenizer, DEFAULT_PROMPT, settings.new_tokens, settings.repeats)
+    ran = decode_kernels(loaded.model)
     return {"speed": speed.to_dict(), "decode_tokens_per_s": speed.decode_tokens_per_s, "prefill_s": speed.prefill_s,
             "prompt_tokens": speed.prompt_tokens, "bytes_per_token": bytes_per_token(loaded.model),
             "footprint": footprint(loaded.model).to_dict(), "peak_rss_load_mb": rss_load, "peak_rss_mb": peak_rss_mb(),
-            "stubbed_linears": stubs}
+            "stubbed_linears": stubs, "decode_kernels": ran}
+
+
+def decode_kernels(model: nn.Module) -> dict[str, int]:
+    """How many layers ran each kernel for one-row calls (the decode step): the compiled path's bound
+    kernel, else the eager path's bound one."""
+    from lowbit.modules import QuantLinear
+
+    counts: dict[str, int] = {}
+    for mod in model.modules():
+        if not isinstance(mod, QuantLinear):
+            continue
+        bound = mod._decode or next((b for key, b in mod._plans.get("_bound", {}).items() if key[0] == 1), None)
+        if bound is not None:
+            counts[bound[0].name] = counts.get(bound[0].name, 0) + 1
+    return counts

@@ -82,6 +82,9 @@ def _decode_table(rows: list[dict], bw: float | None) -> list[str]:
         if ok and r["group"] == "llamacpp":
             types = ", ".join(f"{k} x{v}" for k, v in r["tensor_types"].items())
             note = (note + "; " if note else "") + "tensors " + types
+        if ok and r.get("decode_kernels"):
+            ran = ", ".join(f"{k} x{v}" for k, v in sorted(r["decode_kernels"].items()))
+            note = (note + "; " if note else "") + "decode kernels " + ran
         out.append("| " + " | ".join([
             r["name"], "llama.cpp" if r["group"] == "llamacpp" else "lowbit", _cell(r["config"]),
             _num(bpt / 1e6 if bpt else None, ".1f"), _num(tps, ".1f"), _num(r.get("x_fp32"), ".2f"), prefill,

@@ -311,8 +311,9 @@ def refine_block(block_name: str, block: nn.Module, refs: dict, formats: dict[st
 
     Minimises the mean squared error between the block's output with fake-quantized weights on
     ``inputs`` (the quantized model's activations) and ``targets`` by signed gradient descent
-    with a linearly decaying step, on ``learned.batch`` windows per step drawn with a seeded
-    generator; keeps the iterate with the lowest step loss. Fused MoE experts keep their
+    with a linearly decaying step; each step takes ``learned.batch`` windows of one capture batch
+    (a random contiguous run when the capture batch holds more), the capture batches visited in a
+    seeded shuffled order, every one once per pass; keeps the iterate with the lowest step loss. Fused MoE experts keep their
     starting formats (logged)."""
     spec = recipe.learned
     dense = [rel for rel in formats if refs[rel].param is None]
@@ -330,13 +331,14 @@ def refine_block(block_name: str, block: nn.Module, refs: dict, formats: dict[st
     for rel, lw in learners.items():
         bias = refs[rel].bias()
         _set_submodule(block, rel, _LearnedLinear(lw, None if bias is None else bias.detach()))
-    # (batch index, window index) of every calibration window
-    slots = [(b, k) for b, inp in enumerate(inputs) for k in range(inp.hidden.shape[0])]
     gen = torch.Generator().manual_seed(spec.seed * 100003 + seed)
+    order: list[int] = []               # capture batches in a seeded shuffled order, each once per pass
     best_loss, best_state, first_loss = float("inf"), None, None
     try:
         for it in range(spec.iters):
-            b = slots[int(torch.randint(len(slots), (1,), generator=gen))][0]
+            if not order:
+                order = torch.randperm(len(inputs), generator=gen).tolist()
+            b = order.pop()
             inp, tgt = inputs[b], targets[b].hidden
             n = inp.hidden.shape[0]
             if n > spec.batch:                                                # a random run of windows

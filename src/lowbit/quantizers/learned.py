@@ -10,8 +10,15 @@ A layer's quantized weight is parametrised around a starting format (round-to-ne
 ``⌊·⌉`` passes gradients straight through (straight-through estimator), so the block's output error
 can move ``v`` (which way each weight rounds) and ``γ, δ`` (each group's range) jointly for all
 layers of a block; the pipeline runs the optimisation (:func:`lowbit.pipeline.refine_block`).
-Starting from GPTQ, ``v`` is set so that the rounding reproduces GPTQ's codes wherever they lie
-within half a step of ``w / s₀ + z₀``.
+``s`` and ``z`` pass through fp16 in the forward (gradients straight through), so the block is
+trained with the scales and zeros it will store.
+
+``v`` starts at the smallest offset that reproduces the starting codes: 0 wherever they are
+round-to-nearest's (so a weight near a rounding boundary flips with a small step, as in AutoRound),
+else just past the boundary of the starting code (GPTQ), with that weight's range widened to
+include it. Starting ``v`` at ``round(x) - x`` instead, the middle of every code's interval, left
+the signed steps of a whole run (their sum is about ½ with the default decaying step) too short to
+flip almost any weight: only the group ranges were learned.
 
 The result is an ordinary :class:`~lowbit.formats.GroupedInt` (codes, fp16 scale and zero): no
 new storage and no extra bits. Outlier positions (if any) are kept exactly and excluded.
@@ -45,7 +52,7 @@ class LearnedSpec:
 
     iters: int = 200               # optimisation steps per block
     lr: float = 0.0                # signed-gradient step; 0 = 1 / iters (AutoRound's default)
-    batch: int = 4                 # calibration windows per step (4 x 512 tokens: about 1 s per step on 2 cores)
+    batch: int = 8                 # calibration windows per step (8 x 512 tokens: about 2 s per step on 2 cores)
     scale_range: float = 0.5       # γ ∈ [1 - r, 1 + r]
     zero_range: float = 1.0        # δ ∈ [-d, d] code units
     target: str = "fp"             # "fp": the full-precision model's block outputs (fp inputs); "block": the fp block on the quantized inputs
@@ -96,10 +103,17 @@ class LearnedWeight(nn.Module):
             rows = self.outliers.rows()
             mask[rows.long(), self.outliers.col.long()] = True
         self.register_buffer("mask", mask)
-        # start so that rounding reproduces the starting codes where they are within half a step
+        # start at the smallest offset that reproduces the starting codes (module docstring)
         x = w / self.s0[:, self.gidx] + self.z0[:, self.gidx]
-        v0 = (base.unpacked().float() - x).clamp(-0.5, 0.5)
-        self.v = nn.Parameter(v0)
+        q0 = base.unpacked().float()
+        d = q0 - torch.round(x)
+        margin = 0.05
+        v0 = torch.where(d > 0, q0 - 0.5 + margin - x, torch.where(d < 0, q0 + 0.5 - margin - x, torch.zeros_like(x)))
+        v0 = torch.where(d == 0, torch.zeros_like(x), v0)
+        wide = bool((v0.abs() > 0.5).any())
+        self.register_buffer("v_lo", torch.minimum(v0, torch.full_like(v0, -0.5)) if wide else None)
+        self.register_buffer("v_hi", torch.maximum(v0, torch.full_like(v0, 0.5)) if wide else None)
+        self.v = nn.Parameter(v0.clamp(-0.5, 0.5) if not wide else v0)
         self.gamma = nn.Parameter(torch.ones_like(self.s0))
         self.delta = nn.Parameter(torch.zeros_like(self.z0), requires_grad=not spec.symmetric)
 
@@ -111,6 +125,8 @@ class LearnedWeight(nn.Module):
     def forward(self) -> Tensor:
         """The fake-quantized weight (out, in), differentiable in v, γ, δ."""
         s, z = self._params()
+        s = s + (s.half().float() - s).detach()            # the stored fp16 values, gradients straight through
+        z = z + (z.half().float() - z).detach()
         s, z = s[:, self.gidx], z[:, self.gidx]
         q = torch.clamp(_ste_round(self.w / s + z + self.v), 0, self.spec.maxq)
         w_hat = (q - z) * s
@@ -122,7 +138,11 @@ class LearnedWeight(nn.Module):
     def project(self) -> None:
         """Keep every parameter in its allowed range (after each step)."""
         r, d = self.learned.scale_range, self.learned.zero_range
-        self.v.clamp_(-0.5, 0.5)
+        if self.v_lo is None:
+            self.v.clamp_(-0.5, 0.5)
+        else:
+            torch.maximum(self.v, self.v_lo, out=self.v)
+            torch.minimum(self.v, self.v_hi, out=self.v)
         self.gamma.clamp_(1 - r, 1 + r)
         self.delta.clamp_(-d, d)
 
