@@ -75,7 +75,10 @@ def test_q8_matches_its_model_and_fp32(threads, bits, out_f, in_f, group):
 
 def test_q8_kernel_offered_only_for_its_formats(monkeypatch):
     k = KERNELS.get("fused_q8")
-    assert k is not None and k.available()
+    monkeypatch.delenv("LOWBIT_INT8_ACT", raising=False)
+    assert k is not None and not k.available()                               # opt-in
+    monkeypatch.setenv("LOWBIT_INT8_ACT", "1")
+    assert k.available()
     assert k.supports(random_format(8, 576, QuantSpec(4, 128, False)))
     assert k.supports(random_format(8, 576, QuantSpec(8, -1, True)))
     assert not k.supports(random_format(8, 576, QuantSpec(4, 32, False)))    # groups below 64 columns

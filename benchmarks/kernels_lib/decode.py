@@ -34,7 +34,7 @@ DECODE_PRESETS = ("w8", "w4g128", "w3g128", "w2g64")
 HEAD_SUFFIX = "-head8"
 EAGER_SUFFIX = "-eager"
 FLOOR_SUFFIX = "-floor"
-FP32ACT_SUFFIX = "-fp32act"
+Q8ACT_SUFFIX = "-q8act"
 
 
 class NotAvailable(Exception):
@@ -49,17 +49,17 @@ class Variant:
     head: bool = False
     eager: bool = False                  # LOWBIT_COMPILE=0: the eager decode path instead of the compiled one
     floor: bool = False                  # every linear layer (and the head) a free stub: the framework's own cost
-    fp32act: bool = False                # LOWBIT_INT8_ACT=0: no int8-activation kernel (fused_q8) in the choice
+    q8act: bool = False                  # LOWBIT_INT8_ACT=1: the int8-activation kernel (fused_q8) in the choice
 
     @property
     def name(self) -> str:
         base = "fp32" if self.preset is None else self.preset + (HEAD_SUFFIX if self.head else "")
         return (base + (EAGER_SUFFIX if self.eager and self.preset is not None else "")
-                + (FP32ACT_SUFFIX if self.fp32act else "") + (FLOOR_SUFFIX if self.floor else ""))
+                + (Q8ACT_SUFFIX if self.q8act else "") + (FLOOR_SUFFIX if self.floor else ""))
 
     @property
     def checkpoint_name(self) -> str:
-        return dataclasses.replace(self, eager=False, floor=False, fp32act=False).name
+        return dataclasses.replace(self, eager=False, floor=False, q8act=False).name
 
     @property
     def config(self) -> str:
@@ -70,7 +70,7 @@ class Variant:
             return "fp32 transformers model (lowbit.load_model), eager generate"
         return (f"lowbit RTN preset {self.preset}" + (", head int8 (recipe head: int8)" if self.head else ", fp32 head")
                 + (", eager decode (LOWBIT_COMPILE=0)" if self.eager else ", compiled decode (lowbit.load default)")
-                + (", fp32 activations (LOWBIT_INT8_ACT=0)" if self.fp32act else ""))
+                + (", int8 activations allowed (LOWBIT_INT8_ACT=1)" if self.q8act else ""))
 
     def recipe(self) -> Recipe:
         """The recipe of this row; ``NotAvailable`` where this lowbit cannot express it."""
@@ -106,7 +106,7 @@ def prompt_tokens() -> int:
 def variants() -> list[Variant]:
     return ([Variant(None)] + [Variant(p, head) for p in DECODE_PRESETS for head in (False, True)]
             + [Variant("w4g128", head, eager=True) for head in (False, True)]
-            + [Variant(p, True, fp32act=True) for p in ("w8", "w4g128")]
+            + [Variant(p, True, q8act=True) for p in ("w8", "w4g128")]
             + [Variant(None, floor=True), Variant("w4g128", True, eager=True, floor=True), Variant("w4g128", True, floor=True)])
 
 
@@ -197,8 +197,8 @@ def measure(variant: Variant, settings: Settings, work: Path, script: Path) -> d
     torch.set_num_threads(settings.threads)
     if variant.eager:
         os.environ["LOWBIT_COMPILE"] = "0"
-    if variant.fp32act:
-        os.environ["LOWBIT_INT8_ACT"] = "0"
+    if variant.q8act:
+        os.environ["LOWBIT_INT8_ACT"] = "1"
     loaded = lowbit.load_model(source)
     stubs = stub_linears(loaded.model) if variant.floor else 0
     rss_load = peak_rss_mb()

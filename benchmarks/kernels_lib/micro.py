@@ -97,8 +97,12 @@ def bench(cases: dict[str, Callable], rounds: int, budget_s: float,
 
 
 def candidates(fmt: GroupedInt) -> list[kernels.Kernel]:
-    """The kernels ``choose`` considers for ``fmt``."""
-    return [k for k in kernels.KERNELS.values() if k.supports(fmt) and k.available()]
+    """The kernels ``choose`` considers for ``fmt``, plus the opt-in int8-activation kernel (``fused_q8``,
+    ``LOWBIT_INT8_ACT=1``) where this CPU runs it, so the table shows its speed too."""
+    from lowbit.kernels import _ext
+
+    return [k for k in kernels.KERNELS.values() if k.supports(fmt)
+            and (k.available() or (k.name == "fused_q8" and _ext.q8_available()))]
 
 
 def run_shape(in_f: int, out_f: int, threads: int, rows: tuple[int, ...], rounds: int, budget_s: float) -> dict:
