@@ -175,10 +175,13 @@ class Fused(Kernel, register=False):
     def run(self, x, fmt, state):
         if state is None or (x.requires_grad and torch.is_grad_enabled()):
             return F.linear(x, fmt.dequantize(x.dtype))
-        return _ext.linear(x if x.dtype == torch.float32 else x.float(), state)
+        return self._compute(x if x.dtype == torch.float32 else x.float(), state)
+
+    def _compute(self, x: Tensor, state: Any) -> Tensor:
+        return _ext.linear(x, state)
 
 
-class FusedQ8(Kernel, register=False):
+class FusedQ8(Fused, register=False):
     """The fused GEMV with x quantized per call to int8 per 32 columns, multiplied with AVX-512 VNNI dot products
     (as llama.cpp's Q8_0 activations); see ``csrc/fused_vnni.cpp``.  Opt-in (``LOWBIT_INT8_ACT=1``): then offered
     for decode (at most 8 rows of x, so prefill, perplexity and calibration never run it) where the CPU has VNNI,
@@ -191,7 +194,7 @@ class FusedQ8(Kernel, register=False):
     max_rel_error = 2e-2
 
     def supports(self, fmt):
-        return Fused.supports(self, fmt) and _ext.q8_supports(fmt)
+        return super().supports(fmt) and _ext.q8_supports(fmt)
 
     def available(self):
         if os.environ.get("LOWBIT_INT8_ACT", "0").strip().lower() not in ("1", "true", "yes", "on"):
@@ -201,10 +204,8 @@ class FusedQ8(Kernel, register=False):
     def prepare(self, fmt):
         return _ext.prepare(fmt, layout=1) if _ext.q8_available() else None
 
-    def run(self, x, fmt, state):
-        if state is None or (x.requires_grad and torch.is_grad_enabled()):
-            return F.linear(x, fmt.dequantize(x.dtype))
-        return _ext.linear_q8(x if x.dtype == torch.float32 else x.float(), state)
+    def _compute(self, x, state):
+        return _ext.linear_q8(x, state)
 
 
 # LOWBIT_NO_EXT=1 leaves the kernels out entirely (LOWBIT_KERNEL=fused then means reference)

@@ -109,7 +109,6 @@ class LearnedWeight(nn.Module):
         d = q0 - torch.round(x)
         margin = 0.05
         v0 = torch.where(d > 0, q0 - 0.5 + margin - x, torch.where(d < 0, q0 + 0.5 - margin - x, torch.zeros_like(x)))
-        v0 = torch.where(d == 0, torch.zeros_like(x), v0)
         wide = bool((v0.abs() > 0.5).any())
         self.register_buffer("v_lo", torch.minimum(v0, torch.full_like(v0, -0.5)) if wide else None)
         self.register_buffer("v_hi", torch.maximum(v0, torch.full_like(v0, 0.5)) if wide else None)

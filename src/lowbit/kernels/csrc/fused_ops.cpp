@@ -178,11 +178,23 @@ void group_sums(const Args& a, const float* x, int64_t m, float* xs) {
     }
 }
 
+// Output rows per GEMV task: at least ~64K weights (a few microseconds), so tiny layers stay on the calling
+// thread, where waking a second one costs more than it saves.
+int64_t gemv_grain(const Args& a, int64_t m) {
+  return std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(a.in * std::min<int64_t>(m, 8), 1));
+}
+
+// x must be fp32 (rows, in_features) on the CPU; returns it contiguous.
+at::Tensor checked_x(const at::Tensor& x, const Args& a, int64_t in_features) {
+  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == in_features,
+                    "lowbit fused kernel: x must be float32 (rows, ", in_features, ") on the CPU for a ",
+                    a.out, "x", in_features, " layer, got ", shape_str(x));
+  return x.contiguous();
+}
+
 void run_gemv(Args a, int isa, const at::Tensor& x, at::Tensor& y) {
   const int64_t m = x.size(0), out = a.out;
-  // at least ~64K weights per task (a few microseconds): tiny layers stay on the calling thread, where
-  // waking a second one costs more than it saves
-  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(a.in * std::min<int64_t>(m, 8), 1));
+  const int64_t grain = gemv_grain(a, m);
   Buffer xs;
   if (isa >= ISA_AVX2 && vector_groups(a)) {   // needed by the AVX2 GEMV; m * in additions
     xs = aligned_floats(m * a.G);
@@ -282,10 +294,7 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& codes, const at
                           const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size,
                           int64_t in_features, int64_t isa, int64_t mode) {
   Layer L = make_layer(codes, scale, zero, bits, group_size, in_features);
-  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == in_features,
-                    "lowbit fused kernel: x must be float32 (rows, ", in_features, ") on the CPU for a ",
-                    L.a.out, "x", in_features, " layer, got ", shape_str(x));
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = checked_x(x, L.a, in_features);
   const int64_t m = xc.size(0);
   at::Tensor y = at::empty({m, L.a.out}, xc.options());
   if (m == 0 || L.a.out == 0) return y.zero_();
@@ -309,10 +318,7 @@ at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const
   Args& a = L.a;
   TORCH_CHECK_VALUE(a.G == 1 || a.gw % 64 == 0, "lowbit fused kernel: the int8-activation kernel needs per-channel "
                     "scales or groups of a multiple of 64 columns, got group ", group_size);
-  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == in_features,
-                    "lowbit fused kernel: x must be float32 (rows, ", in_features, ") on the CPU for a ",
-                    a.out, "x", in_features, " layer, got ", shape_str(x));
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = checked_x(x, a, in_features);
   const int64_t m = xc.size(0), P = a.P, nch = P / 64, nb = P / 32;
   at::Tensor y = at::empty({m, a.out}, xc.options());
   if (m == 0 || a.out == 0) return y.zero_();
@@ -337,7 +343,7 @@ at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const
       xs[r * a.G + g] = t;
     }
   }
-  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(a.in * std::min<int64_t>(m, 8), 1));
+  const int64_t grain = gemv_grain(a, m);
   for (int64_t r0 = 0; r0 < m; r0 += 8) {
     Q8Args q;
     q.a = a;
