@@ -121,6 +121,8 @@ def random_format(out_f, in_f, spec, seed=0):
     q = torch.randint(0, 2**spec.bits, (out_f, in_f), generator=g).to(torch.uint8)
     scale = (torch.rand(out_f, n_groups, generator=g) * 0.1 + 0.001).half()
     zero = None if spec.symmetric else (torch.rand(out_f, n_groups, generator=g) * spec.maxq).half()
+    if spec.int_zero:
+        zero = zero.round()
     return GroupedInt.pack(q, scale, zero, spec), q
 
 
@@ -285,3 +287,66 @@ def test_missing_tensor_is_lowbit_error():
     meta = {"kind": "grouped_int", "shape": [2, 8], "bits": 4, "group_size": -1, "symmetric": False}
     with pytest.raises(LowbitError):
         format_from_tensors(meta, {"scale": torch.zeros(2, 1, dtype=torch.float16)})
+
+
+# --- integer zero points (int_zero) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(("in_f", "group", "n_groups"), [(576, 128, 5), (512, 64, 8), (13, -1, 1)])
+def test_int_zero_nbytes_and_layout(bits, in_f, group, n_groups):
+    out_f = 6
+    fmt, _ = random_format(out_f, in_f, QuantSpec(bits, group, False, True))
+    zero_row = math.ceil(n_groups * bits / 8)                              # zeros packed like codes
+    assert fmt.zero.dtype == torch.uint8 and fmt.zero.shape == (out_f, zero_row)
+    assert fmt.nbytes() == out_f * math.ceil(in_f * bits / 8) + 2 * out_f * n_groups + out_f * zero_row
+
+
+def test_int_zero_hand_numbers():
+    # 3-bit, 576 columns, group 128, 2 rows: codes 2*216, fp16 scales 2*5*2, five 3-bit zeros in 2 bytes a row
+    fmt, _ = random_format(2, 576, QuantSpec(3, 128, False, True))
+    assert fmt.nbytes() == 2 * 216 + 2 * 5 * 2 + 2 * 2 == 456
+    q = torch.full((1, 576), 5, dtype=torch.uint8)
+    zero = torch.tensor([[0.0, 1.0, 2.0, 3.0, 7.0]])
+    fmt = GroupedInt.pack(q, torch.ones(1, 5).half(), zero, QuantSpec(3, 128, False, True))
+    assert fmt.zero.tolist() == [[0 | 1 << 3 | 2 << 6, (2 >> 2) | 3 << 1 | 7 << 4]]     # little-endian bit stream
+    assert fmt.zero_points().dtype == torch.float16 and fmt.zero_points().tolist() == zero.tolist()
+    w = fmt.dequantize()[0]
+    assert w[:128].unique().tolist() == [5.0] and w[512:].unique().tolist() == [-2.0]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_int_zero_round_trip_and_meta(tmp_path, bits):
+    fmt, q = random_format(4, 200, QuantSpec(bits, 64, False, True), seed=5)
+    assert fmt.meta()["int_zero"] is True
+    path = tmp_path / "w.safetensors"
+    save_file(fmt.tensors(), str(path))
+    back = format_from_tensors(fmt.meta(), load_file(str(path)))
+    assert back.spec == fmt.spec and torch.equal(back.zero, fmt.zero)
+    assert torch.equal(back.dequantize(), fmt.dequantize()) and torch.equal(back.unpacked(), q)
+    assert torch.equal(fmt.rows(1, 3).dequantize(), fmt.dequantize()[1:3])
+    empty = GroupedInt.empty(fmt.meta())
+    assert {n: (t.shape, t.dtype) for n, t in empty.tensors().items()} == \
+        {n: (t.shape, t.dtype) for n, t in fmt.tensors().items()}
+
+
+def test_fp16_zero_meta_has_no_int_zero_key():
+    """Checkpoints written before int_zero existed read back unchanged, and new fp16-zero ones look the same."""
+    fmt, _ = random_format(3, 64, QuantSpec(4, 32, False))
+    assert "int_zero" not in fmt.meta()
+    assert format_from_tensors(fmt.meta(), fmt.tensors()).spec.int_zero is False
+
+
+def test_int_zero_bad_values_and_specs():
+    spec = QuantSpec(2, -1, False, True)
+    q = u8([[0, 1, 2, 3]])
+    with pytest.raises(ShapeError, match="integers"):
+        GroupedInt.pack(q, torch.ones(1, 1).half(), torch.tensor([[1.5]]).half(), spec)
+    with pytest.raises(ShapeError, match="integers"):
+        GroupedInt.pack(q, torch.ones(1, 1).half(), torch.tensor([[4.0]]).half(), spec)      # beyond maxq
+    with pytest.raises(ShapeError):                                                       # fp16 zeros where packed are due
+        GroupedInt(pack_codes(q, 2), torch.ones(1, 1).half(), torch.ones(1, 1).half(), spec, 4)
+    with pytest.raises(RecipeError, match="asymmetric"):
+        QuantSpec(4, 128, True, True)
+    with pytest.raises(RecipeError):
+        QuantSpec(4, 128, False, 1)

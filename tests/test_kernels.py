@@ -44,6 +44,8 @@ def random_format(out_f, in_f, spec, seed=0):
     q = torch.randint(0, 2**spec.bits, (out_f, in_f), generator=g).to(torch.uint8)
     scale = (torch.rand(out_f, n_groups, generator=g) * 0.02 + 0.001).half()
     zero = None if spec.symmetric else (torch.rand(out_f, n_groups, generator=g) * spec.maxq).half()
+    if spec.int_zero:
+        zero = zero.round()
     z = torch.full_like(scale, 2.0 ** (spec.bits - 1)) if zero is None else zero
     col_group = torch.arange(in_f) // width                               # (in,) group of each column
     w64 = (q.double() - z.double()[:, col_group]) * scale.double()[:, col_group]
@@ -81,9 +83,9 @@ def test_kernels_match_float64_reference(bits, out_f, in_f):
     g = torch.Generator().manual_seed(out_f + in_f)
     xs = {m: torch.randn(m, in_f, generator=g) for m in ROWS}
     n_checked = 0
-    for symmetric in (False, True):
+    for symmetric, int_zero in ((False, False), (True, False), (False, True)):
         for group in groups_for(in_f):
-            spec = QuantSpec(bits, group, symmetric)
+            spec = QuantSpec(bits, group, symmetric, int_zero)
             fmt, w64 = random_format(out_f, in_f, spec, seed=bits)
             for kernel in KERNELS.values():
                 if not kernel.supports(fmt):
@@ -94,7 +96,7 @@ def test_kernels_match_float64_reference(bits, out_f, in_f):
                     check_close(y, x.double() @ w64.T, f"{kernel.name} {spec} {out_f}x{in_f} rows={m}",
                                 REL_TOL.get(kernel.name, 1e-3))
                     n_checked += 1
-    assert n_checked >= 4 * 2 * len(groups_for(in_f))                    # the reference kernel ran everywhere
+    assert n_checked >= 4 * 3 * len(groups_for(in_f))                    # the reference kernel ran everywhere
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))

@@ -212,6 +212,23 @@ def test_quant_linear_forced_fused(forced, rows):
     assert torch.equal(mod(x), y)
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_int_zero_format_runs_fused(forced, bits):
+    """Integer zero points (packed in the checkpoint) reach the kernel as the fp16 zeros they stand for."""
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 2**bits, (40, 576), generator=g).to(torch.uint8)
+    scale = (torch.rand(40, 5, generator=g) * 0.02 + 0.001).half()
+    zero = torch.randint(0, 2**bits, (40, 5), generator=g).half()
+    fmt = GroupedInt.pack(q, scale, zero, QuantSpec(bits, 128, False, True))
+    plan = _ext.prepare(fmt)
+    assert plan.zero.dtype == torch.float16 and torch.equal(plan.zero, zero)
+    mod = QuantLinear(fmt, None)
+    for m in (1, 5, 64):
+        x = torch.randn(m, 576, generator=g)
+        check_close(mod(x), x.double() @ fmt.dequantize().double().T, f"int_zero {bits}-bit rows={m}")
+    assert set(mod._plans) - {kernels._BOUND} == {"fused"}
+
+
 def test_gradient_input_falls_back_to_reference(forced):
     fmt = random_format(32, 128, QuantSpec(4, 64, False))
     x = torch.randn(3, 128, requires_grad=True)

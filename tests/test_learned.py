@@ -27,7 +27,7 @@ def _ids(n=8, t=32, seed=2):
     return torch.randint(3, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
-def _block_error(method: str, learned: dict | None, seed: int = 0) -> float:
+def _block_error(method: str, learned: dict | None, seed: int = 0, int_zero: bool = False) -> float:
     """MSE of block 1's output (quantized) against the full-precision block on the same inputs."""
     model = tiny_model("llama")
     adapter = get_adapter(model)
@@ -36,7 +36,8 @@ def _block_error(method: str, learned: dict | None, seed: int = 0) -> float:
     inputs = run_block(block0, inputs)                      # correlated inputs: a real block's outputs
     name, block = adapter.blocks(model)[1]
     targets = run_block(block, inputs)
-    recipe = Recipe(method=method, bits=2, group_size=32, learned=learned, calibration={"dtype": "float32"})
+    recipe = Recipe(method=method, bits=2, group_size=32, int_zero=int_zero, learned=learned,
+                    calibration={"dtype": "float32"})
     quantize_block(name, block, adapter, get_method(method), recipe, inputs, targets, seed=seed)
     out = run_block(block, inputs)
     return sum(float((o.hidden - t.hidden).pow(2).mean()) for o, t in zip(out, targets))

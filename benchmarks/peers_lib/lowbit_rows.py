@@ -25,7 +25,7 @@ def describe(preset: str) -> str:
     except lowbit.errors.RecipeError:
         return f"preset `{preset}`"
     group = "per channel" if r.group_size == -1 else f"g{r.group_size}"
-    bits = f"{r.bits}-bit {group} {'sym' if r.symmetric else 'asym'}"
+    bits = f"{r.bits}-bit {group} {'sym' if r.symmetric else 'asym'}{' int zero' if r.int_zero else ''}"
     extra = f", outliers {r.outliers:g}" if r.outliers else ""
     extra += ", AWQ scaling" if r.scaling == "awq" else ""
     extra += (f", learned rounding {r.learned.iters} steps x {r.learned.batch} windows" if r.learned else "")

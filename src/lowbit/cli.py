@@ -124,7 +124,8 @@ def info(path: Path, layers: bool, as_json: bool, verify: bool) -> None:
         f"source          {src.get('spec', '?')} ({src.get('kind', '?')}, sha256 {src.get('sha256', '?')[:16]}…)",
         f"model type      {meta['model_type']}",
         f"recipe          {rec['name']}: {rec['method']} {rec['bits']}-bit group {rec['group_size']} "
-        f"{'symmetric' if rec['symmetric'] else 'asymmetric'}",
+        f"{'symmetric' if rec['symmetric'] else 'asymmetric'}"
+        f"{', integer zeros' if rec.get('int_zero') else ''}",
         f"quantized       {s['quantized_layers']} layers, {s['quantized_weights']:,} weights, "
         f"{s['quantized_bytes']:,} bytes",
         f"bits/weight     {s['bits_per_weight']:.4f}  (codes + scales + zeros, all included)",

@@ -6,6 +6,7 @@ A recipe in YAML (or the same keys in JSON)::
     bits: 3                   # 2, 3, 4 or 8
     group_size: 128           # -1 = one group per output channel
     symmetric: false
+    int_zero: false           # asymmetric zeros as packed integer codes (true) or fp16 (false, default)
     options: {grid: 20}       # method-specific, checked against the method's options
     targets: ["*"]            # module-name patterns to quantize
     ignore: ["*.mlp.down_proj", "re:.*layers\\.0\\..*"]
@@ -104,6 +105,7 @@ class Recipe:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
+    int_zero: bool = False                     # asymmetric zero points as packed integer codes (formats.spec)
     options: Mapping[str, Any] = field(default_factory=dict)
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
@@ -147,7 +149,7 @@ class Recipe:
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.symmetric)
+        return QuantSpec(self.bits, self.group_size, self.symmetric, self.int_zero)
 
     def selects(self, module_name: str) -> bool:
         """Whether the layer called ``module_name`` is quantized by this recipe."""
@@ -172,12 +174,15 @@ class Recipe:
 
     # -- (de)serialization -------------------------------------------------------------
     def to_dict(self) -> dict:
-        """Every field, except ``head`` at its default ``none``: the dict (and so offload fingerprints,
-        checkpoint metadata and benchmark caches) of a recipe written before ``head`` existed is unchanged."""
+        """Every field, except ``head`` at its default ``none`` and ``int_zero`` when false: the dict (and so
+        offload fingerprints, checkpoint metadata and benchmark caches) of a recipe written before those
+        keys existed is unchanged."""
         d = dataclasses.asdict(self)
         d["targets"], d["ignore"], d["options"] = list(self.targets), list(self.ignore), dict(self.options)
         if self.head == "none":
             del d["head"]
+        if not self.int_zero:
+            del d["int_zero"]
         return d
 
     @classmethod
@@ -246,8 +251,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "awq-w4g128": dict(method="rtn", bits=4, group_size=128, scaling="awq"),
     "awq-w3g128": dict(method="rtn", bits=3, group_size=128, scaling="awq"),
     "awq-w2g64": dict(method="rtn", bits=2, group_size=64, scaling="awq"),
-    # learned rounding and ranges against each block's full-precision output (AutoRound-style)
-    **{f"ar-w{b}g{g}{suffix}": dict(method="rtn", bits=b, group_size=g, learned={"iters": iters})
+    # learned rounding and ranges against each block's full-precision output (AutoRound-style), with
+    # integer zero points packed at the code width, as AutoRound and GPTQ checkpoints store them
+    **{f"ar-w{b}g{g}{suffix}": dict(method="rtn", bits=b, group_size=g, int_zero=True, learned={"iters": iters})
        for b, g in ((4, 128), (3, 128), (2, 64)) for suffix, iters in (("", 200), ("-fast", 50))},
     # the best combination measured so far at each width (README "Recipes"): activation-aware
     # scaling, then GPTQ with group ranges fitted by output-error clipping

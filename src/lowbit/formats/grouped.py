@@ -25,10 +25,12 @@ class GroupedInt(WeightFormat, kind="grouped_int"):
     codes   uint8   (out, ceil(in * bits / 8))               codes bit-packed per row, see packing
     scale   fp16    (out, G)                                 step of each group
     zero    fp16    (out, G)  -- asymmetric only             zero point in code units
+    zero    uint8   (out, ceil(G * bits / 8))  -- int_zero   integer zero points packed like codes
     ======  ======  =======================================  ==================================
 
     ``w[o, i] = (q[o, i] - zero[o, i // group_size]) * scale[o, i // group_size]``; symmetric
-    formats use the fixed zero ``2**(bits-1)``.
+    formats use the fixed zero ``2**(bits-1)``. :meth:`zero_points` gives the fp16 (out, G) zeros
+    of every variant.
 
     A ``group_size`` that does not divide ``in_features`` leaves a shorter last group
     (SmolLM2's 576 columns at group 128 give groups of 128, 128, 128, 128 and 64): nothing is
@@ -47,7 +49,9 @@ class GroupedInt(WeightFormat, kind="grouped_int"):
             "codes": ((out_f, packed_row_bytes(self.in_features, self.spec.bits)), torch.uint8),
             "scale": ((out_f, self.spec.n_groups(self.in_features)), torch.float16),
         }
-        if not self.spec.symmetric:
+        if self.spec.int_zero:
+            want["zero"] = ((out_f, packed_row_bytes(self.spec.n_groups(self.in_features), self.spec.bits)), torch.uint8)
+        elif not self.spec.symmetric:
             want["zero"] = want["scale"]
         elif self.zero is not None:
             raise ShapeError("a symmetric format stores no zero points")
@@ -56,7 +60,13 @@ class GroupedInt(WeightFormat, kind="grouped_int"):
     # -- construction -----------------------------------------------------------------
     @classmethod
     def pack(cls, q: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec) -> "GroupedInt":
-        """From unpacked integer codes (out, in) in [0, 2**bits) and fp16 per-group parameters."""
+        """From unpacked integer codes (out, in) in [0, 2**bits) and fp16 per-group parameters (with
+        ``spec.int_zero``, ``zero`` holds integers in [0, 2**bits), which are packed)."""
+        if spec.int_zero and zero is not None and zero.dtype != torch.uint8:
+            z = zero.float()
+            if not bool(((z == z.round()) & (z >= 0) & (z <= spec.maxq)).all()):
+                raise ShapeError(f"int_zero format: zero points must be integers in [0, {spec.maxq}]")
+            zero = pack_codes(z.to(torch.uint8), spec.bits)
         return cls(pack_codes(q, spec.bits), scale, zero, spec, q.shape[1])
 
     @property
@@ -76,7 +86,7 @@ class GroupedInt(WeightFormat, kind="grouped_int"):
     def _spec_of(cls, meta: dict) -> tuple[QuantSpec, int, int]:
         try:
             out_f, in_f = meta["shape"]
-            spec = QuantSpec(meta["bits"], meta["group_size"], meta["symmetric"])
+            spec = QuantSpec(meta["bits"], meta["group_size"], meta["symmetric"], meta.get("int_zero", False))
         except (KeyError, ValueError, TypeError, RecipeError) as e:
             raise CheckpointError(f"bad grouped_int metadata {meta!r}: {e}") from None
         return spec, int(out_f), int(in_f)
@@ -97,7 +107,8 @@ class GroupedInt(WeightFormat, kind="grouped_int"):
         spec, out_f, in_f = cls._spec_of(meta)
         g = spec.n_groups(in_f)
         codes = torch.zeros(out_f, packed_row_bytes(in_f, spec.bits), dtype=torch.uint8)
-        zero = None if spec.symmetric else torch.zeros(out_f, g, dtype=torch.float16)
+        zero = (torch.zeros(out_f, packed_row_bytes(g, spec.bits), dtype=torch.uint8) if spec.int_zero
+                else None if spec.symmetric else torch.zeros(out_f, g, dtype=torch.float16))
         return cls(codes, torch.zeros(out_f, g, dtype=torch.float16), zero, spec, in_f)
 
     # -- reading ----------------------------------------------------------------------
@@ -113,6 +124,8 @@ class GroupedInt(WeightFormat, kind="grouped_int"):
 
     def zero_points(self) -> Tensor:
         """fp16 (out, G) zero points, the fixed midpoint for symmetric formats."""
+        if self.spec.int_zero:
+            return unpack_codes(self.zero, self.spec.bits, self.spec.n_groups(self.in_features)).half()
         if self.zero is not None:
             return self.zero
         return torch.full_like(self.scale, float(1 << (self.spec.bits - 1)))

@@ -142,7 +142,7 @@ class AtenInt8(Kernel):
         q = (fmt.codes.to(torch.int16) - 128).to(torch.int8)                  # (out, in) signed codes
         scale = fmt.scale.float()[:, 0]                                      # (out,)
         # (q_u - z) * s = (q_u - 128) * s + (128 - z) * s: the second term is a per-row offset
-        offset = None if fmt.zero is None else (128.0 - fmt.zero.float()[:, 0]) * scale
+        offset = None if fmt.zero is None else (128.0 - fmt.zero_points().float()[:, 0]) * scale
         return q, scale, offset
 
     def run(self, x, fmt, state):

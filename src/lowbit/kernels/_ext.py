@@ -325,7 +325,9 @@ def check_format(fmt) -> None:
     spec = fmt.spec
     g = spec.n_groups(in_f)
     want = {"codes": ((out_f, -(-in_f * spec.bits // 8)), torch.uint8), "scale": ((out_f, g), torch.float16)}
-    if not spec.symmetric:
+    if spec.int_zero:
+        want["zero"] = ((out_f, -(-g * spec.bits // 8)), torch.uint8)
+    elif not spec.symmetric:
         want["zero"] = ((out_f, g), torch.float16)
     elif fmt.zero is not None:
         raise ShapeError(f"fused kernel: the symmetric {describe(fmt)} must store no zero points")
@@ -349,7 +351,7 @@ def prepare(fmt, layout: int = 0) -> FusedPlan:
             codes = torch.ops.lowbit.grouped_repack(codes, bits, in_f, layout)
         except ValueError as e:
             raise _shape_error(e) from None
-    zero = None if fmt.zero is None else fmt.zero.contiguous()
+    zero = None if fmt.zero is None else fmt.zero_points().contiguous()      # fp16 (out, G), integer zeros unpacked
     return FusedPlan(codes, fmt.scale.contiguous(), zero, bits, fmt.spec.group_size, in_f, out_f)
 
 

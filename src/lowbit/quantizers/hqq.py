@@ -71,7 +71,9 @@ def hqq(weight: Tensor, spec: QuantSpec, iters: int = 20, lp_norm: float = 0.7, 
     best_s, best_z = s, z
     u = w / s                                                           # (out, G, g) weights in code units
     for it in range(iters + 1):
-        x = u + z                                                       # w/s + z, as round_to_grid computes it
+        # integer zeros: z moves continuously, each iterate is scored (and kept) with its rounded value
+        zq = z.round().clamp(0, spec.maxq) if spec.int_zero else z
+        x = u + zq                                                      # w/s + z, as round_to_grid computes it
         q = torch.round(x).clamp_(0, spec.maxq)
         x.sub_(q).mul_(m)                                               # error in code units, w/s - (q - z)
         a = x.abs()
@@ -80,17 +82,17 @@ def hqq(weight: Tensor, spec: QuantSpec, iters: int = 20, lp_norm: float = 0.7, 
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better[..., None], s, best_s)
-        best_z = torch.where(better[..., None], z, best_z)
+        best_z = torch.where(better[..., None], zq, best_z)
         if it == iters:
             break
         # the error less its sparse part e, x - shrink_p(x, β) = sign(x)·min(|x|, |x|^(p-1)/β); 0 where x = 0
         r = ap.div_(a.clamp(min=1e-30)).div_(beta)                      # |x|^(p-1)/β, reusing ap's memory
         r = torch.minimum(a, r, out=r).copysign_(x)
-        z_old = z
+        z_old = zq
         if fit_zero:                                                    # z ← mean(q - (w - e)/s) = z - mean(r)
             z = (z - r.sum(-1, keepdim=True) / n).clamp_(-_ZERO_LIMIT, _ZERO_LIMIT).half().float()
         if fit_scale:                                                   # s ← Σ (w - e)(q - z) / Σ (q - z)²
-            d = (q - z).mul_(m)
+            d = (q - (z.round().clamp(0, spec.maxq) if spec.int_zero else z)).mul_(m)
             target = q.sub_(z_old).add_(r)                              # (w - e)/s, with the z that gave q
             s_ls = s * (target * d).sum(-1, keepdim=True) / d.pow(2).sum(-1, keepdim=True)
             ok = torch.isfinite(s_ls) & (s_ls >= _FP16_TINY) & (s_ls <= _FP16_MAX)

@@ -3,7 +3,8 @@
 A layer's quantized weight is parametrised around a starting format (round-to-nearest or GPTQ):
 
     s = s₀ · γ                     γ per group, learnable, kept in [1 - r, 1 + r]
-    z = z₀ + δ                     δ per group (code units), learnable, kept in [-d, d]; fixed if symmetric
+    z = z₀ + δ                     δ per group (code units), learnable, kept in [-d, d]; fixed if symmetric;
+                                   rounded to an integer in [0, maxq] (straight through) with ``int_zero``
     q = clamp(⌊w / s + z + v⌉, 0, maxq)    v per weight, learnable, kept in [-½, ½]
     ŵ = (q - z) · s
 
@@ -20,8 +21,8 @@ include it. Starting ``v`` at ``round(x) - x`` instead, the middle of every code
 the signed steps of a whole run (their sum is about ½ with the default decaying step) too short to
 flip almost any weight: only the group ranges were learned.
 
-The result is an ordinary :class:`~lowbit.formats.GroupedInt` (codes, fp16 scale and zero): no
-new storage and no extra bits. Outlier positions (if any) are kept exactly and excluded.
+The result is an ordinary :class:`~lowbit.formats.GroupedInt` (codes, fp16 scale, fp16 or integer
+zero as the spec says): no new storage and no extra bits. Outlier positions (if any) are kept exactly and excluded.
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ class LearnedWeight(nn.Module):
     def _params(self) -> tuple[Tensor, Tensor]:
         s = (self.s0 * self.gamma).clamp(min=_FP16_TINY)
         z = self.z0 + self.delta
+        if self.spec.int_zero:                             # stored as an integer code: rounded, gradients straight through
+            z = _ste_round(z).clamp(0, self.spec.maxq)
         return s, z
 
     def forward(self) -> Tensor:

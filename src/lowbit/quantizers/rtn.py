@@ -30,6 +30,13 @@ def minmax_qparams(weight: Tensor, spec: QuantSpec, ratio: Tensor | float = 1.0)
         absmax = torch.maximum(lo.abs(), hi.abs())
         scale = (2 * absmax / spec.maxq).clamp(min=_FP16_TINY).half()
         return scale, torch.full_like(scale, float(1 << (spec.bits - 1)))
+    if spec.int_zero:
+        # an integer zero in [0, maxq] is the code of w = 0, so the grid must contain 0: widen to it
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        span = hi - lo
+        scale = torch.where(span > 0, span / spec.maxq, torch.ones_like(span)).clamp(min=_FP16_TINY).half()
+        zero = torch.round(-lo / scale.float()).clamp(0, spec.maxq).half()
+        return scale, zero
     span = hi - lo
     absmax = torch.maximum(lo.abs(), hi.abs())
     # a constant group (span 0) is still exact: its one value sits on code 0 or maxq
