@@ -27,9 +27,9 @@ DOCUMENTED = {
     "ar-w4g128-fast": QuantSpec(4, 128, False, True),
     "ar-w3g128-fast": QuantSpec(3, 128, False, True),
     "ar-w2g64-fast": QuantSpec(2, 64, False, True),
-    "best-w4": QuantSpec(4, 128, False),
-    "best-w3": QuantSpec(3, 128, False),
-    "best-w2": QuantSpec(2, 64, False),
+    "best-w4": QuantSpec(4, 128, False, True),
+    "best-w3": QuantSpec(3, 128, False, True),
+    "best-w2": QuantSpec(2, 64, False, True),
 }
 
 
@@ -52,9 +52,11 @@ def test_preset_builds_with_documented_spec(name):
         assert (r.calibration.windows, r.calibration.seqlen, r.calibration.corpus) == (128, 512, "owt")
         assert (r.method == "gptq") == name.startswith(("gptq-", "best-"))
         assert (r.scaling == "awq") == name.startswith(("awq-", "best-"))
-        assert (r.learned is not None) == name.startswith("ar-")
+        assert (r.learned is not None) == name.startswith(("ar-", "best-"))
         if name.startswith("ar-"):
             assert r.learned.iters == (50 if name.endswith("-fast") else 200)
+        if name.startswith("best-"):
+            assert r.learned.iters == 50 and r.options["clip"] == "output"
     else:
         assert r.method == "rtn" and r.options == {}
         assert not r.needs_calibration

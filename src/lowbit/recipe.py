@@ -256,7 +256,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     **{f"ar-w{b}g{g}{suffix}": dict(method="rtn", bits=b, group_size=g, int_zero=True, learned={"iters": iters})
        for b, g in ((4, 128), (3, 128), (2, 64)) for suffix, iters in (("", 200), ("-fast", 50))},
     # the best combination measured so far at each width (README "Recipes"): activation-aware
-    # scaling, then GPTQ with group ranges fitted by output-error clipping
-    **{f"best-w{b}": dict(method="gptq", bits=b, group_size=g, scaling="awq", options={"clip": "output"})
+    # scaling, GPTQ with group ranges fitted by output-error clipping, then 50 steps of learned
+    # rounding and ranges from GPTQ's codes; integer zero points (AutoRound's bits per weight)
+    **{f"best-w{b}": dict(method="gptq", bits=b, group_size=g, scaling="awq", options={"clip": "output"},
+                          int_zero=True, learned={"iters": 50})
        for b, g in ((4, 128), (3, 128), (2, 64))},
 }
