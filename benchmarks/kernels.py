@@ -70,9 +70,7 @@ Timings on a shared machine are noisy: run it on a quiet one, and compare rows o
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -82,6 +80,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from child import spawn_row, why_no_result
 from kernels_lib.common import Row, Settings, Skip, first_line, read_json, write_json
 
 WORK = HERE / ".work" / "kernels"
@@ -182,31 +181,13 @@ def run_parent_row(row: Row, settings: Settings, work: Path, run_id: str, argv: 
                    timeout: float | None) -> dict:
     """Run ``row`` in a child process; a child that dies without a record is recorded as crashed."""
     base = rows_dir(settings, work)
-    (base / "logs").mkdir(parents=True, exist_ok=True)
     log, path = base / "logs" / f"{row.name}.log", base / "rows" / f"{row.name}.json"
     path.unlink(missing_ok=True)
     cmd = [sys.executable, str(SCRIPT), "--child", row.name, "--run-id", run_id, *argv]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(HERE.parent))
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = f"timed out after {timeout:.0f}s"
-        except BaseException:                                           # Ctrl-C / SIGTERM: take the row down too
-            proc.kill()
-            proc.wait()
-            raise
+    rc = spawn_row(cmd, log, HERE.parent, timeout)
     if (rec := read_json(path)) is not None:
         return rec
-    proc.wait()
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    why = rc if isinstance(rc, str) else f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
-    rec = {**record_base(row, settings, run_id), "status": "crashed",
-           "error": f"{why}; last log line: {lines[-1].strip()[:300] if lines else ''}"}
+    rec = {**record_base(row, settings, run_id), "status": "crashed", "error": why_no_result(rc, log, timeout)}
     write_json(path, rec)
     return rec
 

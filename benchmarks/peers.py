@@ -66,9 +66,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -76,6 +74,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from child import spawn_row, why_no_result
 from peers_lib.common import (
     CALIBRATION,
     Context,
@@ -208,41 +207,17 @@ def _child_args(settings: Settings, work: Path) -> list[str]:
 
 
 def run_parent_row(row: Row, settings: Settings, work: Path, timeout: float | None) -> dict:
-    (work / "logs").mkdir(parents=True, exist_ok=True)
     log = work / "logs" / f"{row.name}.log"
     path = work / "rows" / f"{row.name}.json"
     path.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--row", row.name, *_child_args(settings, work)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(HERE.parent))
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = "timeout"
-        except BaseException:                                   # Ctrl-C / SIGTERM: take the row down too
-            proc.kill()
-            proc.wait()
-            raise
+    rc = spawn_row(cmd, log, HERE.parent, timeout)
     if path.exists():
         return json.loads(path.read_text())
     if rc == 0:                                 # the child found the row skipped: not cached, rechecked next run
         return placeholder(row, "skipped", row.skip_reason() or "the row's process wrote no result")
-    # the child died without writing its row: record how
-    tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    last = tail[-1].strip()[:300] if tail else ""
-    if rc == "timeout":
-        why = f"timed out after {timeout:.0f}s"
-    elif isinstance(rc, int) and rc < 0:
-        why = f"killed by signal {-rc}" + (" (out of memory?)" if rc == -9 else "")
-    else:
-        why = f"exit status {rc}"
-    rec = placeholder(row, "crashed", f"{why}; last log line: {last}")
+    rec = placeholder(row, "crashed", why_no_result(rc, log, timeout))
     rec.update(settings=settings.fingerprint(), fingerprint=row.fingerprint(), log=str(log),
                row_wall_s=time.perf_counter() - t0)
     _atomic_write_json(path, rec)
