@@ -31,7 +31,9 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWBIT_COMPILE", "1")
     fast = lowbit.load(path)                                            # the default path, compiled
     assert fast.generation_config.cache_implementation == "static"
-    assert all(m._decode is not None for m in fast.modules() if isinstance(m, QuantLinear))
+    qmods = [m for m in fast.modules() if isinstance(m, QuantLinear)]
+    assert all((m._shared._decode if m._shared is not None else m._decode) is not None for m in qmods)
+    assert any(m._shared is not None for m in qmods)                  # q/k/v and gate/up: one call each
     ids2 = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     counters.clear()

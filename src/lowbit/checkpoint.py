@@ -58,7 +58,10 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
             tied[name] = seen[key]
             continue
         seen[key] = name
-        state[name] = t.detach().contiguous()
+        t = t.detach().contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()                      # a view into a larger tensor (modules.shared): its own bytes only
+        state[name] = t
     return state, tied
 
 

@@ -7,6 +7,8 @@ operator dispatch, not in the matrix products (SmolLM2-135M: about 16 ms of a 25
 
 * ``generation_config.cache_implementation = "static"``: the KV cache is preallocated, so every
   decode step has the same shapes;
+* the layers of a block that read one input (q/k/v, gate/up) run as one kernel call each
+  (:mod:`lowbit.modules.shared`; ``LOWBIT_SHARE_INPUTS=0`` turns it off);
 * ``generation_config.compile_config``: ``generate()`` compiles the one-token decode step with
   ``torch.compile`` (inductor) on the CPU too; the prefill runs eagerly. Every
   :class:`~lowbit.modules.QuantLinear` binds its one-row kernel beforehand
@@ -32,7 +34,11 @@ from transformers import CompileConfig
 
 from lowbit.cache import cache_dir
 from lowbit.kernels import _ext
+from lowbit.errors import UnsupportedArchitectureError
+from lowbit.models.adapters import get_adapter
+from lowbit.models.scaling import SCALE_GROUPS
 from lowbit.modules import QuantLinear
+from lowbit.modules.shared import share_inputs
 
 log = logging.getLogger("lowbit.decoding")
 
@@ -50,6 +56,7 @@ def fast_decode(model: nn.Module, enable: bool | None = None) -> bool:
     ``enable=False`` restores the eager path (dynamic cache, no compilation); ``None`` decides by
     :func:`compile_enabled`."""
     gc = model.generation_config
+    share_block_inputs(model)
     if enable is None:
         enable = compile_enabled()
     if not enable:
@@ -70,6 +77,31 @@ def fast_decode(model: nn.Module, enable: bool | None = None) -> bool:
     gc.compile_config = config
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     return True
+
+
+def share_block_inputs(model: nn.Module) -> int:
+    """Stack the layers of each block that read one input (q/k/v; gate/up) into one kernel call
+    (:mod:`lowbit.modules.shared`); the number of groups formed. ``LOWBIT_SHARE_INPUTS=0`` turns it off."""
+    if os.environ.get("LOWBIT_SHARE_INPUTS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return 0
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedArchitectureError:
+        return 0
+    groups = []
+    for _, block in adapter.blocks(model):
+        for group in SCALE_GROUPS.get(adapter.family, ()):
+            mods = [_submodule(block, name) for name in group.linears]
+            if len(mods) > 1 and all(isinstance(m, QuantLinear) for m in mods):
+                groups.append(mods)
+    return share_inputs(groups)
+
+
+def _submodule(block: nn.Module, name: str):
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _guard_filter():

@@ -32,6 +32,8 @@ class QuantLinear(nn.Module):
         self._plans: dict = {}
         self._dense: Tensor | None = None         # set only inside dense_weights()
         self._decode: tuple | None = None          # kernel + state for one row, bound by prepare_decode()
+        self._shared = None                        # the SharedInput group this layer's rows belong to, if any
+        self._rows: tuple[int, int] | None = None  # its rows in that group
 
     @classmethod
     def empty(cls, meta: dict, bias: bool) -> "QuantLinear":
@@ -48,11 +50,16 @@ class QuantLinear(nn.Module):
         return self._fmt
 
     def _invalidate(self):
+        if self._shared is not None:               # moved or reloaded: the stacked copy no longer matches
+            self._shared.dissolve()
         self._fmt, self._plans, self._decode = None, {}, None
 
     def prepare_decode(self) -> None:
         """Choose and prepare the one-row kernel now, so that a ``torch.compile`` trace of the decode step
         finds it bound (nothing is timed or built inside a trace)."""
+        if self._shared is not None:
+            self._shared.prepare_decode()
+            return
         self._decode = kernels.bind(self.fmt, 1, self._plans)
 
     def _apply(self, fn, *args, **kw):
@@ -79,6 +86,8 @@ class QuantLinear(nn.Module):
             # mixed-precision passes (the pipeline's bf16 calibration forwards): the weight in full, so
             # that autocast runs the matmul in its low precision like every other layer's
             return F.linear(x, self.fmt.dequantize(torch.float32), self.bias)
+        if self._shared is not None:               # one kernel call for the layers reading x (modules.shared)
+            return self._shared.run(self, x)
         if torch.compiler.is_compiling():
             if self._decode is None:             # not prepared: the reference computation, traceable as is
                 return F.linear(x, self.fmt.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
