@@ -283,52 +283,23 @@ inline void micro256(const float* xp, int64_t K, const float* w, float* tmp) {
 
 template <int BITS>
 void gemv_m(const Args& a, int64_t o0, int64_t o1) {
-  switch (a.m) {
-    case 1: gemv_rows<BITS, 1>(a, o0, o1); break;
-    case 2: gemv_rows<BITS, 2>(a, o0, o1); break;
-    case 3: gemv_rows<BITS, 3>(a, o0, o1); break;
-    case 4: gemv_rows<BITS, 4>(a, o0, o1); break;
-    case 5: gemv_rows<BITS, 5>(a, o0, o1); break;
-    case 6: gemv_rows<BITS, 6>(a, o0, o1); break;
-    case 7: gemv_rows<BITS, 7>(a, o0, o1); break;
-    default: gemv_rows<BITS, 8>(a, o0, o1); break;
-  }
+  LOWBIT_BY_ROWS(a.m, gemv_rows, gemv_rows, BITS, a, o0, o1)
 }
 
 }  // namespace
 
 bool gemv_avx2(const Args& a, int64_t o0, int64_t o1) {
-  switch (a.bits) {
-    case 2: gemv_m<2>(a, o0, o1); break;
-    case 3: gemv_m<3>(a, o0, o1); break;
-    case 4: gemv_m<4>(a, o0, o1); break;
-    default: gemv_m<8>(a, o0, o1); break;
-  }
+  LOWBIT_BY_BITS(a.bits, gemv_m, a, o0, o1)
   return true;
 }
 
 bool dequant_avx2(const Args& a, int64_t o0, int64_t o1, float* w) {
-  switch (a.bits) {
-    case 2: dequant_rows<2>(a, o0, o1, w); break;
-    case 3: dequant_rows<3>(a, o0, o1, w); break;
-    case 4: dequant_rows<4>(a, o0, o1, w); break;
-    default: dequant_rows<8>(a, o0, o1, w); break;
-  }
+  LOWBIT_BY_BITS(a.bits, dequant_rows, a, o0, o1, w)
   return true;
 }
 
 bool gemm_avx2(const float* xp, int64_t m, int64_t K, const float* w, int64_t n, float* y, int64_t ldy) {
-  float tmp[kMr256 * kPw256];
-  for (int64_t p0 = 0; p0 < m; p0 += kPw256) {
-    const float* xpp = xp + (p0 / kPw256) * K * kPw256;
-    const int64_t rows = m - p0 < kPw256 ? m - p0 : kPw256;
-    for (int64_t i0 = 0; i0 < n; i0 += kMr256) {
-      micro256<kMr256>(xpp, K, w + i0 * K, tmp);
-      const int64_t ni = n - i0 < kMr256 ? n - i0 : kMr256;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t i = 0; i < ni; ++i) y[(p0 + r) * ldy + i0 + i] = tmp[i * kPw256 + r];
-    }
-  }
+  LOWBIT_GEMM_TILES(kMr256, kPw256, micro256<kMr256>, xp, m, K, w, n, y, ldy);
   return true;
 }
 

@@ -310,52 +310,23 @@ inline void micro512(const float* xp, int64_t K, const float* w, float* tmp) {
 
 template <int BITS>
 void gemv_m(const Args& a, int64_t o0, int64_t o1) {
-  switch (a.m) {
-    case 1: gemv_rows<BITS, 1>(a, o0, o1); break;
-    case 2: gemv_rows2<BITS, 2>(a, o0, o1); break;
-    case 3: gemv_rows2<BITS, 3>(a, o0, o1); break;
-    case 4: gemv_rows2<BITS, 4>(a, o0, o1); break;
-    case 5: gemv_rows2<BITS, 5>(a, o0, o1); break;
-    case 6: gemv_rows2<BITS, 6>(a, o0, o1); break;
-    case 7: gemv_rows2<BITS, 7>(a, o0, o1); break;
-    default: gemv_rows2<BITS, 8>(a, o0, o1); break;
-  }
+  LOWBIT_BY_ROWS(a.m, gemv_rows, gemv_rows2, BITS, a, o0, o1)
 }
 
 }  // namespace
 
 bool gemv_avx512(const Args& a, int64_t o0, int64_t o1) {
-  switch (a.bits) {
-    case 2: gemv_m<2>(a, o0, o1); break;
-    case 3: gemv_m<3>(a, o0, o1); break;
-    case 4: gemv_m<4>(a, o0, o1); break;
-    default: gemv_m<8>(a, o0, o1); break;
-  }
+  LOWBIT_BY_BITS(a.bits, gemv_m, a, o0, o1)
   return true;
 }
 
 bool dequant_avx512(const Args& a, int64_t o0, int64_t o1, float* w) {
-  switch (a.bits) {
-    case 2: dequant_rows<2>(a, o0, o1, w); break;
-    case 3: dequant_rows<3>(a, o0, o1, w); break;
-    case 4: dequant_rows<4>(a, o0, o1, w); break;
-    default: dequant_rows<8>(a, o0, o1, w); break;
-  }
+  LOWBIT_BY_BITS(a.bits, dequant_rows, a, o0, o1, w)
   return true;
 }
 
 bool gemm_avx512(const float* xp, int64_t m, int64_t K, const float* w, int64_t n, float* y, int64_t ldy) {
-  float tmp[kMr512 * kPw512];
-  for (int64_t p0 = 0; p0 < m; p0 += kPw512) {
-    const float* xpp = xp + (p0 / kPw512) * K * kPw512;
-    const int64_t rows = m - p0 < kPw512 ? m - p0 : kPw512;
-    for (int64_t i0 = 0; i0 < n; i0 += kMr512) {
-      micro512<kMr512>(xpp, K, w + i0 * K, tmp);
-      const int64_t ni = n - i0 < kMr512 ? n - i0 : kMr512;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t i = 0; i < ni; ++i) y[(p0 + r) * ldy + i0 + i] = tmp[i * kPw512 + r];
-    }
-  }
+  LOWBIT_GEMM_TILES(kMr512, kPw512, micro512<kMr512>, xp, m, K, w, n, y, ldy);
   return true;
 }
 

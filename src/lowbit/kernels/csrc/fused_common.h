@@ -200,6 +200,45 @@ static inline void scalar_dequant(const Args& a, int64_t o, int64_t c0, int64_t 
 constexpr int kPw512 = 32, kMr512 = 12;
 constexpr int kPw256 = 16, kMr256 = 6;
 
+// Per-ISA boilerplate, written once.  The macros expand inside each ISA's target region, so the code
+// they call is compiled for that ISA.  LOWBIT_BY_BITS: FN<2|3|4|8>(args...) for the stored width.
+// LOWBIT_BY_ROWS: ONE<BITS, 1> for one row, MANY<BITS, m> for 2..8 rows (a GEMV call has m <= 8).
+#define LOWBIT_BY_BITS(bits, FN, ...)               \
+  switch (bits) {                                   \
+    case 2: FN<2>(__VA_ARGS__); break;              \
+    case 3: FN<3>(__VA_ARGS__); break;              \
+    case 4: FN<4>(__VA_ARGS__); break;              \
+    default: FN<8>(__VA_ARGS__); break;             \
+  }
+#define LOWBIT_BY_ROWS(m, ONE, MANY, BITS, ...)     \
+  switch (m) {                                      \
+    case 1: ONE<BITS, 1>(__VA_ARGS__); break;       \
+    case 2: MANY<BITS, 2>(__VA_ARGS__); break;      \
+    case 3: MANY<BITS, 3>(__VA_ARGS__); break;      \
+    case 4: MANY<BITS, 4>(__VA_ARGS__); break;      \
+    case 5: MANY<BITS, 5>(__VA_ARGS__); break;      \
+    case 6: MANY<BITS, 6>(__VA_ARGS__); break;      \
+    case 7: MANY<BITS, 7>(__VA_ARGS__); break;      \
+    default: MANY<BITS, 8>(__VA_ARGS__); break;     \
+  }
+
+// The tiled product around an ISA's MR x PW microkernel: MICRO(xp panel, K, w + i0 * K, tmp) leaves
+// tmp[i * PW + r] = y[p0 + r, i0 + i]; this copies each tile's valid part out.
+#define LOWBIT_GEMM_TILES(MR, PW, MICRO, xp, m, K, w, n, y, ldy)                              \
+  do {                                                                                        \
+    float tmp_[(MR) * (PW)];                                                                  \
+    for (int64_t p0 = 0; p0 < (m); p0 += (PW)) {                                              \
+      const float* xpp = (xp) + (p0 / (PW)) * (K) * (PW);                                     \
+      const int64_t rows = (m) - p0 < (PW) ? (m) - p0 : (PW);                                 \
+      for (int64_t i0 = 0; i0 < (n); i0 += (MR)) {                                            \
+        MICRO(xpp, (K), (w) + i0 * (K), tmp_);                                                \
+        const int64_t ni = (n) - i0 < (MR) ? (n) - i0 : (MR);                                 \
+        for (int64_t r = 0; r < rows; ++r)                                                    \
+          for (int64_t i = 0; i < ni; ++i) (y)[(p0 + r) * (ldy) + i0 + i] = tmp_[i * (PW) + r]; \
+      }                                                                                       \
+    }                                                                                         \
+  } while (0)
+
 // Entry points of each ISA (rows [o0, o1)).  gemv: a.m <= 8, y[r, o] for those rows.  dequant: rows into
 // w (row-major, (o1 - o0) x in).  The AVX variants return false when they were not compiled in.
 void gemv_scalar(const Args& a, int64_t o0, int64_t o1);

@@ -154,12 +154,7 @@ void quantize_x_vnni(const float* x, int64_t P, int8_t* xq, float* sxv, float* b
 }
 
 bool gemv_q8_vnni(const Q8Args& q, int64_t o0, int64_t o1) {
-  switch (q.a.bits) {
-    case 2: q8_m<2>(q, o0, o1); break;
-    case 3: q8_m<3>(q, o0, o1); break;
-    case 4: q8_m<4>(q, o0, o1); break;
-    default: q8_m<8>(q, o0, o1); break;
-  }
+  LOWBIT_BY_BITS(q.a.bits, q8_m, q, o0, o1)
   return true;
 }
 
