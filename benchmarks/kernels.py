@@ -19,7 +19,10 @@ Model: SmolLM2-135M-Instruct (``lowbit.load_model("smollm2-135m")``), 2 threads 
   (see ``kernels_lib/decode.py``). Quantized rows decode through lowbit's default compiled decode
   step (static cache + ``torch.compile``, :mod:`lowbit.decoding`; its compilation is the untimed
   warm-up, reported as ``first_call_s``); ``decode-w4g128-eager`` and ``decode-w4g128-head8-eager``
-  are the same checkpoints on the eager path (``LOWBIT_COMPILE=0``). fp32 is a plain transformers
+  are the same checkpoints on the eager path (``LOWBIT_COMPILE=0``); ``-floor`` rows replace every
+  linear layer by a free stub (the framework's own cost per token) and ``-linears`` rows time only the
+  step's linear calls, compiled the same way (the kernels' own cost per token): step ≈ floor +
+  linears + whatever their interleaving adds. fp32 is a plain transformers
   model (eager, dynamic cache), what a user runs. Ratios are to the fp32 row of the same run.
 * ``llamacpp-<type>``: ``llama-bench -t 2 -n 64 -p <prompt tokens> -r 3 -o json`` on the model as
   GGUF F32, Q8_0 and Q4_0 (decode tg and prompt pp medians, peak RSS, GGUF tensor bytes). llama.cpp

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -35,6 +36,7 @@ HEAD_SUFFIX = "-head8"
 EAGER_SUFFIX = "-eager"
 FLOOR_SUFFIX = "-floor"
 Q8ACT_SUFFIX = "-q8act"
+LINEARS_SUFFIX = "-linears"
 
 
 class NotAvailable(Exception):
@@ -50,19 +52,25 @@ class Variant:
     eager: bool = False                  # LOWBIT_COMPILE=0: the eager decode path instead of the compiled one
     floor: bool = False                  # every linear layer (and the head) a free stub: the framework's own cost
     q8act: bool = False                  # LOWBIT_INT8_ACT=1: the int8-activation kernel (fused_q8) in the choice
+    linears: bool = False                # only the decode step's linear calls, compiled: the kernels' share of a step
 
     @property
     def name(self) -> str:
         base = "fp32" if self.preset is None else self.preset + (HEAD_SUFFIX if self.head else "")
         return (base + (EAGER_SUFFIX if self.eager and self.preset is not None else "")
-                + (Q8ACT_SUFFIX if self.q8act else "") + (FLOOR_SUFFIX if self.floor else ""))
+                + (Q8ACT_SUFFIX if self.q8act else "") + (FLOOR_SUFFIX if self.floor else "")
+                + (LINEARS_SUFFIX if self.linears else ""))
 
     @property
     def checkpoint_name(self) -> str:
-        return dataclasses.replace(self, eager=False, floor=False, q8act=False).name
+        return dataclasses.replace(self, eager=False, floor=False, q8act=False, linears=False).name
 
     @property
     def config(self) -> str:
+        if self.linears:
+            return (f"linears only: the {dataclasses.replace(self, linears=False).name} row's linear layers and head "
+                    "called in forward order on one random row, compiled like the decode step (no attention, norms, "
+                    "embedding or sampling); tok/s = 1 / (time of one such pass)")
         if self.floor:
             return (f"floor: the {dataclasses.replace(self, floor=False).name} row with every linear layer and the head "
                     "a free stub (returns a stored row)")
@@ -107,7 +115,8 @@ def variants() -> list[Variant]:
     return ([Variant(None)] + [Variant(p, head) for p in DECODE_PRESETS for head in (False, True)]
             + [Variant("w4g128", head, eager=True) for head in (False, True)]
             + [Variant(p, True, q8act=True) for p in ("w8", "w4g128")]
-            + [Variant(None, floor=True), Variant("w4g128", True, eager=True, floor=True), Variant("w4g128", True, floor=True)])
+            + [Variant(None, floor=True), Variant("w4g128", True, eager=True, floor=True), Variant("w4g128", True, floor=True)]
+            + [Variant("w4g128", True, linears=True), Variant("w4g128", True, q8act=True, linears=True)])
 
 
 class _Free(nn.Module):
@@ -202,12 +211,50 @@ def measure(variant: Variant, settings: Settings, work: Path, script: Path) -> d
     loaded = lowbit.load_model(source)
     stubs = stub_linears(loaded.model) if variant.floor else 0
     rss_load = peak_rss_mb()
+    if variant.linears:
+        step = linears_step_s(loaded.model, settings.repeats)
+        ran = decode_kernels(loaded.model)
+        return {"speed": None, "decode_tokens_per_s": 1.0 / step, "prefill_s": None, "prompt_tokens": None,
+                "linears_step_ms": 1e3 * step, "bytes_per_token": bytes_per_token(loaded.model),
+                "footprint": footprint(loaded.model).to_dict(), "peak_rss_load_mb": rss_load,
+                "peak_rss_mb": peak_rss_mb(), "stubbed_linears": 0, "decode_kernels": ran}
     speed = decode_speed(loaded.model, loaded.tokenizer, DEFAULT_PROMPT, settings.new_tokens, settings.repeats)
     ran = decode_kernels(loaded.model)
     return {"speed": speed.to_dict(), "decode_tokens_per_s": speed.decode_tokens_per_s, "prefill_s": speed.prefill_s,
             "prompt_tokens": speed.prompt_tokens, "bytes_per_token": bytes_per_token(loaded.model),
             "footprint": footprint(loaded.model).to_dict(), "peak_rss_load_mb": rss_load, "peak_rss_mb": peak_rss_mb(),
             "stubbed_linears": stubs, "decode_kernels": ran}
+
+
+def linears_step_s(model: nn.Module, repeats: int, calls: int = 64) -> float:
+    """Seconds of one pass over the decode step's linear calls: every QuantLinear (the head included) in forward
+    order on a random row, one row object per input width (so layers sharing an input share its call, as in the
+    step), compiled with the decode step's options; the median of ``repeats`` runs of ``calls`` passes."""
+    from lowbit.decoding import compile_options, fast_decode
+    from lowbit.modules import QuantLinear
+
+    fast_decode(model)                                  # as lowbit.load left it: groups formed, kernels bound
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    head = model.get_output_embeddings()
+    if not isinstance(head, QuantLinear):
+        mods.append(head)
+    gen = torch.Generator().manual_seed(0)
+    rows = {m.in_features: torch.randn(1, 1, m.in_features, generator=gen) for m in mods}
+
+    def step():
+        return [m(rows[m.in_features]) for m in mods]
+
+    compiled = torch.compile(step, options=compile_options() or None)
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            compiled()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                compiled()
+            times.append((time.perf_counter() - t0) / calls)
+    return sorted(times)[len(times) // 2]
 
 
 def decode_kernels(model: nn.Module) -> dict[str, int]:
@@ -219,7 +266,9 @@ def decode_kernels(model: nn.Module) -> dict[str, int]:
     for mod in model.modules():
         if not isinstance(mod, QuantLinear):
             continue
-        bound = mod._decode or next((b for key, b in mod._plans.get("_bound", {}).items() if key[0] == 1), None)
+        owner = mod._shared if getattr(mod, "_shared", None) is not None else mod     # a group binds once for its members
+        plans = owner.plans if owner is not mod else mod._plans
+        bound = owner._decode or next((b for key, b in plans.get("_bound", {}).items() if key[0] == 1), None)
         if bound is not None:
             counts[bound[0].name] = counts.get(bound[0].name, 0) + 1
     return counts

@@ -61,9 +61,10 @@ def decode_rows(records: dict) -> list[dict]:
         if rec["group"] not in ("decode", "llamacpp"):
             continue
         r = dict(rec)
-        if _ok(rec) and base:
+        if _ok(rec) and base and not rec["name"].endswith("-linears"):      # a part of a step: no ratio
             r["x_fp32"] = rec["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-            r["prefill_x_fp32"] = rec["prefill_s"] / base["prefill_s"]
+            if rec.get("prefill_s") is not None:                   # a linears-only row times no prefill
+                r["prefill_x_fp32"] = rec["prefill_s"] / base["prefill_s"]
             r["other_run"] = rec.get("run") != base.get("run")
         rows.append(r)
     return rows
@@ -77,7 +78,7 @@ def _decode_table(rows: list[dict], bw: float | None) -> list[str]:
         ok = r.get("status") == "ok"
         bpt, tps = r.get("bytes_per_token"), r.get("decode_tokens_per_s")
         share = 100 * bpt * tps / (bw * 1e9) if ok and bw and bpt else None
-        prefill = f"{1e3 * r['prefill_s']:.1f} ({r['prompt_tokens']})" if ok else MISSING
+        prefill = f"{1e3 * r['prefill_s']:.1f} ({r['prompt_tokens']})" if ok and r.get("prefill_s") is not None else MISSING
         note = status_note(r) or ("† measured in another run than fp32" if r.get("other_run") else "")
         if ok and r["group"] == "llamacpp":
             types = ", ".join(f"{k} x{v}" for k, v in r["tensor_types"].items())
@@ -183,7 +184,7 @@ def targets(records: dict, settings: Settings) -> list[Check]:
                ratio_check(d + "w8", 1.7), versus(d + "w8", "llamacpp-Q8_0", "llama.cpp Q8_0"),
                ratio_check(d + "w8-head8", 1.7), versus(d + "w8-head8", "llamacpp-Q8_0", "llama.cpp Q8_0")]
     for name, r in rows.items():
-        if r["group"] == "decode" and name != d + "fp32":
+        if r["group"] == "decode" and name != d + "fp32" and not name.endswith("-linears"):
             x = r.get("prefill_x_fp32")
             figure = _num(x, ".2f") + "×" + dagger(name, d + "fp32") if x else why(name)
             checks.append(Check(f"{_short(name)} prefill ≤ 1.5× fp32's time", figure,
@@ -269,7 +270,8 @@ def plot(records: dict, settings: Settings, path: Path) -> str | None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    points = [r for r in decode_rows(records) if r.get("status") == "ok"]
+    points = [r for r in decode_rows(records) if r.get("status") == "ok"
+              and not r["name"].endswith(("-floor", "-linears"))]           # parts of a step, not whole steps
     bw = bandwidth(records, settings.threads)
     if not points:
         return "no end-to-end row measured yet"

@@ -67,16 +67,19 @@ def fast_decode(model: nn.Module, enable: bool | None = None) -> bool:
         if isinstance(mod, QuantLinear):
             mod.prepare_decode()
     _use_lowbit_inductor_cache()
-    options = {}
-    guard_filter = _guard_filter()
-    if guard_filter is not None:
-        options["guard_filter_fn"] = guard_filter
+    options = compile_options()
     config = CompileConfig(fullgraph=False, dynamic=None, mode=None if options else "default", options=options or None)
     config._compile_all_devices = True          # transformers compiles on accelerators only unless told
     gc.cache_implementation = "static"
     gc.compile_config = config
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     return True
+
+
+def compile_options() -> dict:
+    """The ``torch.compile`` options of the decode step (also for benchmarks timing parts of it)."""
+    guard_filter = _guard_filter()
+    return {} if guard_filter is None else {"guard_filter_fn": guard_filter}
 
 
 def share_block_inputs(model: nn.Module) -> int:
