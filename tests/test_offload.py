@@ -32,8 +32,8 @@ def assert_same_checkpoint(a, b):
 RECIPES = {
     "rtn": dict(method="rtn"),
     "gptq": dict(method="gptq"),
-    # block-level stages, and the full-precision activations kept on disk for learned rounding
-    "awq-gptq-learned": dict(method="gptq", scaling="awq", learned={"iters": 6, "batch": 2}),
+    # block-level stages, and the full-precision activations kept on disk for learned rounding (best-* shape)
+    "awq-gptq-learned": dict(method="gptq", scaling="awq", int_zero=True, learned={"iters": 6, "batch": 2}),
 }
 
 
