@@ -70,7 +70,8 @@ def test_clip_gptq_hqq_with_int_zero(bits, group):
     assert (err(fmt_clip) <= err(base) * (1 + 1e-6)).all() and err(fmt_clip).sum() < err(base).sum()
     fmt_hqq = hqq(w, spec)
     _check_int_zero(fmt_hqq, spec)
-    assert (fmt_hqq.dequantize() - w).abs().pow(0.7).sum() <= (base.dequantize() - w).abs().pow(0.7).sum() * (1 + 1e-6)
+    # integer zeros move in whole steps, so HQQ refines the scales as well: strictly better than RTN
+    assert (fmt_hqq.dequantize() - w).abs().pow(0.7).sum() < 0.98 * (base.dequantize() - w).abs().pow(0.7).sum()
 
 
 def test_learned_int_zero_lowers_block_error():
