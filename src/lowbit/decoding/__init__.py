@@ -107,18 +107,43 @@ def _submodule(block: nn.Module, name: str):
         return None
 
 
+_KEPT_GUARDS = ("EQUALS_MATCH", "CONSTANT_MATCH", "ID_MATCH", "TYPE_MATCH")
+
+
+def _keep_guard(entry) -> bool:
+    """Dynamo guards kept on module attributes: only the cheap ones on lowbit's own decode state (each
+    layer's bound kernel plan, ``_decode``, and its shared-input group, ``_shared``).
+
+    Those hold what the compiled graph bakes in as constants (bits, group size, widths, which layers
+    share a call), so a second model with other formats in the same process, or a model whose groups
+    were dissolved, fails them and is compiled for itself, while every tensor guard (the costly
+    ones) is dropped: tensors are read from the model at each call, so a model of the same formats
+    reuses the graph correctly."""
+    if not entry.orig_guard.source.is_unspecialized_nn_module():
+        return True
+    return entry.guard_type in _KEPT_GUARDS and ("._decode" in entry.name or "._shared" in entry.name)
+
+
+def _lowbit_guard_filter(entries) -> list[bool]:
+    return [_keep_guard(e) for e in entries]
+
+
 def _guard_filter():
-    """Dynamo's filter dropping the guards on module attributes, where this torch has it (2.7+).
+    """Dynamo's filter dropping most guards on module attributes, where this torch has guard filters (2.7+).
 
     Every call of a compiled step first evaluates its guards; with one guard per parameter and
-    buffer (a 4-bit SmolLM2 has about 800) that costs milliseconds per decoded token, as much as
-    all its attention. The module tree of a loaded model does not change between decode steps, so
-    those guards are dropped; tensors that are *inputs* (ids, positions, the KV cache) keep theirs.
-    A model whose modules are replaced after its first ``generate()`` must call
-    :func:`fast_decode` again (``enable=False``, then ``True``), which recompiles."""
+    buffer (a 4-bit SmolLM2 has about 800 tensor guards among some 7700 on module attributes) that
+    costs milliseconds per decoded token, as much as all its attention. The module tree of a loaded
+    model does not change between decode steps, so those guards are dropped, except the few that
+    tell one model's formats from another's (:func:`_keep_guard`); tensors that are *inputs* (ids,
+    positions, the KV cache) keep theirs. A model whose modules are replaced after its first
+    ``generate()`` must call :func:`fast_decode` again (``enable=False``, then ``True``), which
+    recompiles."""
     if os.environ.get("LOWBIT_COMPILE_GUARDS", "").strip() == "all":
         return None
-    return getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    if not hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):      # no guard filters in this torch
+        return None
+    return _lowbit_guard_filter
 
 
 def _use_lowbit_inductor_cache() -> None:
