@@ -44,18 +44,21 @@ class GroupedInt(WeightFormat, kind="grouped_int"):
     in_features: int
 
     def __post_init__(self):
-        out_f = self.codes.shape[0]
-        want = {
-            "codes": ((out_f, packed_row_bytes(self.in_features, self.spec.bits)), torch.uint8),
-            "scale": ((out_f, self.spec.n_groups(self.in_features)), torch.float16),
-        }
-        if self.spec.int_zero:
-            want["zero"] = ((out_f, packed_row_bytes(self.spec.n_groups(self.in_features), self.spec.bits)), torch.uint8)
-        elif not self.spec.symmetric:
-            want["zero"] = want["scale"]
-        elif self.zero is not None:
+        if self.spec.symmetric and self.zero is not None:
             raise ShapeError("a symmetric format stores no zero points")
-        check_tensors(self, want, f"grouped_int {self.spec}")
+        check_tensors(self, self.layout(self.codes.shape[0], self.in_features, self.spec), f"grouped_int {self.spec}")
+
+    @staticmethod
+    def layout(out_f: int, in_f: int, spec: QuantSpec) -> dict[str, tuple[tuple[int, int], torch.dtype]]:
+        """name -> (shape, dtype) of every tensor the format stores (the table above)."""
+        g = spec.n_groups(in_f)
+        want = {"codes": ((out_f, packed_row_bytes(in_f, spec.bits)), torch.uint8),
+                "scale": ((out_f, g), torch.float16)}
+        if spec.int_zero:
+            want["zero"] = ((out_f, packed_row_bytes(g, spec.bits)), torch.uint8)
+        elif not spec.symmetric:
+            want["zero"] = ((out_f, g), torch.float16)
+        return want
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -105,11 +108,8 @@ class GroupedInt(WeightFormat, kind="grouped_int"):
     @classmethod
     def empty(cls, meta: dict) -> "GroupedInt":
         spec, out_f, in_f = cls._spec_of(meta)
-        g = spec.n_groups(in_f)
-        codes = torch.zeros(out_f, packed_row_bytes(in_f, spec.bits), dtype=torch.uint8)
-        zero = (torch.zeros(out_f, packed_row_bytes(g, spec.bits), dtype=torch.uint8) if spec.int_zero
-                else None if spec.symmetric else torch.zeros(out_f, g, dtype=torch.float16))
-        return cls(codes, torch.zeros(out_f, g, dtype=torch.float16), zero, spec, in_f)
+        t = {name: torch.zeros(shape, dtype=dtype) for name, (shape, dtype) in cls.layout(out_f, in_f, spec).items()}
+        return cls(t["codes"], t["scale"], t.get("zero"), spec, in_f)
 
     # -- reading ----------------------------------------------------------------------
     def rows(self, start: int, stop: int) -> "GroupedInt":

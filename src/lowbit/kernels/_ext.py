@@ -322,16 +322,9 @@ def describe(fmt) -> str:
 def check_format(fmt) -> None:
     """The format's tensors have the shapes and dtypes its spec implies; else ShapeError naming the layer."""
     out_f, in_f = fmt.shape
-    spec = fmt.spec
-    g = spec.n_groups(in_f)
-    want = {"codes": ((out_f, -(-in_f * spec.bits // 8)), torch.uint8), "scale": ((out_f, g), torch.float16)}
-    if spec.int_zero:
-        want["zero"] = ((out_f, -(-g * spec.bits // 8)), torch.uint8)
-    elif not spec.symmetric:
-        want["zero"] = ((out_f, g), torch.float16)
-    elif fmt.zero is not None:
+    if fmt.spec.symmetric and fmt.zero is not None:
         raise ShapeError(f"fused kernel: the symmetric {describe(fmt)} must store no zero points")
-    for name, (shape, dtype) in want.items():
+    for name, (shape, dtype) in type(fmt).layout(out_f, in_f, fmt.spec).items():
         t = getattr(fmt, name)
         if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
             got = "nothing" if not isinstance(t, Tensor) else f"{t.dtype} {tuple(t.shape)}"

@@ -93,11 +93,11 @@ class SharedInput:
         """Give every member tensors of its own again and leave the group."""
         for m in self.members:
             if m._shared is self:
-                for name, t in list(m._buffers.items()):
-                    if t is not None and name != "bias":
-                        m._buffers[name] = t.clone()
                 m._shared, m._rows = None, None
-                m._fmt, m._plans, m._decode = None, {}, None
+                for name, t in list(m._buffers.items()):
+                    if t is not None:
+                        m._buffers[name] = t.clone()
+                m._invalidate()
         self.members, self.plans, self._decode, self._x, self._y = [], {}, None, None, None
 
 
