@@ -187,6 +187,7 @@ def test_symmetric_has_no_zero_and_uses_midpoint():
     assert fmt.zero is None
     assert set(fmt.tensors()) == {"codes", "scale"}
     assert fmt.zero_points().tolist() == [[4.0]]
+    assert fmt.zero_points(torch.tensor([0, 0])).tolist() == [[4.0], [4.0]]
     assert fmt.dequantize().tolist() == [[-2.0, 0.0, 1.5]]
 
 
@@ -325,6 +326,8 @@ def test_int_zero_round_trip_and_meta(tmp_path, bits):
     assert back.spec == fmt.spec and torch.equal(back.zero, fmt.zero)
     assert torch.equal(back.dequantize(), fmt.dequantize()) and torch.equal(back.unpacked(), q)
     assert torch.equal(fmt.rows(1, 3).dequantize(), fmt.dequantize()[1:3])
+    pick = torch.tensor([3, 0, 3])                                         # the rows an embedding gathers
+    assert torch.equal(fmt.zero_points(pick), fmt.zero_points()[pick])
     empty = GroupedInt.empty(fmt.meta())
     assert {n: (t.shape, t.dtype) for n, t in empty.tensors().items()} == \
         {n: (t.shape, t.dtype) for n, t in fmt.tensors().items()}

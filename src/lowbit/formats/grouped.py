@@ -122,13 +122,15 @@ class GroupedInt(WeightFormat, kind="grouped_int"):
         """uint8 codes (out, in)."""
         return unpack_codes(self.codes, self.spec.bits, self.in_features)
 
-    def zero_points(self) -> Tensor:
-        """fp16 (out, G) zero points, the fixed midpoint for symmetric formats."""
+    def zero_points(self, rows: Tensor | None = None) -> Tensor:
+        """fp16 (out, G) zero points, the fixed midpoint for symmetric formats; with ``rows`` (an index
+        tensor) those rows only, (len(rows), G)."""
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])   # noqa: E731
         if self.spec.int_zero:
-            return unpack_codes(self.zero, self.spec.bits, self.spec.n_groups(self.in_features)).half()
+            return unpack_codes(pick(self.zero), self.spec.bits, self.spec.n_groups(self.in_features)).half()
         if self.zero is not None:
-            return self.zero
-        return torch.full_like(self.scale, float(1 << (self.spec.bits - 1)))
+            return pick(self.zero)
+        return torch.full_like(pick(self.scale), float(1 << (self.spec.bits - 1)))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_codes(self.unpacked(), self.scale, self.zero_points(), self.spec).to(dtype)

@@ -380,6 +380,20 @@ def linear(x: Tensor, fmt: WeightFormat, bias: Tensor | None, plans: dict) -> Te
     return linear_bound(x, fmt, bias, bound, plans)
 
 
+def module_linear(x: Tensor, fmt: WeightFormat, bias: Tensor | None, plans: dict,
+                  bound: tuple[Kernel, Any] | None) -> Tensor:
+    """A module's ``x @ W.T + bias`` on the kernel path, in x's dtype: inside a ``torch.compile`` trace the
+    kernel bound beforehand (:func:`bind`; without one, the reference computation, traceable as is, since
+    nothing may be timed or built in a trace), else :func:`linear` on fp32 rows."""
+    if torch.compiler.is_compiling():
+        if bound is None:
+            return F.linear(x, fmt.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+        return linear_bound(x, fmt, bias, bound, plans)
+    if x.dtype != torch.float32:            # kernels take fp32 rows (fp16/bf16 models)
+        return linear(x.float(), fmt, bias, plans).to(x.dtype)
+    return linear(x, fmt, bias, plans)
+
+
 def linear_bound(x: Tensor, fmt: WeightFormat, bias: Tensor | None, bound: tuple[Kernel, Any], plans: dict) -> Tensor:
     """:func:`linear` with the kernel and state already chosen (:func:`bind`)."""
     lead = x.shape[:-1]

@@ -93,11 +93,7 @@ class QuantEmbedding(nn.Module):
         flat = ids.reshape(-1)                                                   # (n,) token ids
         q = unpack_codes(fmt.codes[flat], fmt.spec.bits, self.embedding_dim)     # (n, dim) uint8
         scale = fmt.scale[flat]                                                  # (n, G) fp16
-        if fmt.spec.int_zero:
-            zero = unpack_codes(fmt.zero[flat], fmt.spec.bits, scale.shape[1]).half()
-        else:
-            zero = fmt.zero[flat] if fmt.zero is not None else torch.full_like(scale, float(1 << (fmt.spec.bits - 1)))
-        w = dequantize_codes(q, scale, zero, fmt.spec)                           # (n, dim) fp32: the format's own rule
+        w = dequantize_codes(q, scale, fmt.zero_points(flat), fmt.spec)        # (n, dim) fp32: the format's own rule
         out = w.to(self.embed_scale.dtype) * self.embed_scale
         return out.view(*ids.shape, self.embedding_dim)
 

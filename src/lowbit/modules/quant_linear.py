@@ -88,13 +88,7 @@ class QuantLinear(nn.Module):
             return F.linear(x, self.fmt.dequantize(torch.float32), self.bias)
         if self._shared is not None:               # one kernel call for the layers reading x (modules.shared)
             return self._shared.run(self, x)
-        if torch.compiler.is_compiling():
-            if self._decode is None:             # not prepared: the reference computation, traceable as is
-                return F.linear(x, self.fmt.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-            return kernels.linear_bound(x, self.fmt, self.bias, self._decode, self._plans)
-        if x.dtype != torch.float32:            # kernels take fp32 rows (fp16/bf16 models)
-            return kernels.linear(x.float(), self.fmt, self.bias, self._plans).to(x.dtype)
-        return kernels.linear(x, self.fmt, self.bias, self._plans)
+        return kernels.module_linear(x, self.fmt, self.bias, self._plans, self._decode)
 
     @property
     def weight_numel(self) -> int:

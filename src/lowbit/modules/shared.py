@@ -75,12 +75,7 @@ class SharedInput:
     def run(self, member, x: Tensor) -> Tensor:
         """``member``'s output for ``x``: its rows of the group's output, computed by the first member that asks."""
         if self._left == 0 or x is not self._x:
-            if torch.compiler.is_compiling() and self._decode is not None:
-                y = kernels.linear_bound(x, self.fmt, self.bias, self._decode, self.plans)
-            elif x.dtype != torch.float32:
-                y = kernels.linear(x.float(), self.fmt, self.bias, self.plans).to(x.dtype)
-            else:
-                y = kernels.linear(x, self.fmt, self.bias, self.plans)
+            y = kernels.module_linear(x, self.fmt, self.bias, self.plans, self._decode)
             self._x, self._y, self._left = x, y, self.n
         y = self._y
         self._left -= 1
