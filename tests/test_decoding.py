@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 
 import lowbit
 from lowbit import checkpoint, decoding
+from lowbit.decoding import fused
 from lowbit.kernels import _ext
 from lowbit.modules import QuantLinear
 from lowbit.pipeline import quantize_model
@@ -34,6 +35,7 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, monkeypatch):
     qmods = [m for m in fast.modules() if isinstance(m, QuantLinear)]
     assert all((m._shared._decode if m._shared is not None else m._decode) is not None for m in qmods)
     assert any(m._shared is not None for m in qmods)                  # q/k/v and gate/up: one call each
+    assert fused.fused_count(fast) == fast.config.num_hidden_layers      # one decode_layer call per layer
     ids2 = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     counters.clear()
@@ -45,6 +47,16 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, monkeypatch):
         assert torch.equal(got, want)
     assert counters["stats"]["unique_graphs"] >= 1                       # it did compile
     assert not counters["graph_break"], dict(counters["graph_break"])    # lowbit's ops inside the graph
+    # the same checkpoint unfused, in the same process: its own graph, not the fused model's
+    monkeypatch.setenv("LOWBIT_FUSE_LAYERS", "0")
+    unfused = lowbit.load(path)
+    assert fused.fused_count(unfused) == 0
+    want = eager.generate(ids2[:1], max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    calls = []
+    real = torch.ops.lowbit.decode_layer
+    monkeypatch.setattr(torch.ops.lowbit, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(unfused.generate(ids2[:1], max_new_tokens=12, min_new_tokens=12, do_sample=False), want)
+    assert not calls
 
 
 def test_compile_can_be_turned_off(tmp_path, monkeypatch):
@@ -52,7 +64,10 @@ def test_compile_can_be_turned_off(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWBIT_COMPILE", "0")
     assert not decoding.compile_enabled()
     model = lowbit.load(path)
-    assert model.generation_config.compile_config is None and model.generation_config.cache_implementation is None
+    assert model.generation_config.compile_config is None
+    # eager: a static cache only where decoder layers run fused (lowbit.decoding.fused)
+    assert (model.generation_config.cache_implementation == "static") == (fused.fused_count(model) > 0)
+    assert lowbit.load(path, compile=False).generation_config.cache_implementation is None
     monkeypatch.setenv("LOWBIT_COMPILE", "1")
     monkeypatch.setattr(_ext, "available", lambda: False)               # no C++ toolchain: eager, not an error
     assert not decoding.compile_enabled()

@@ -33,6 +33,7 @@ from torch import nn
 from transformers import CompileConfig
 
 from lowbit.cache import cache_dir
+from lowbit.decoding import fused
 from lowbit.kernels import _ext
 from lowbit.errors import UnsupportedArchitectureError
 from lowbit.models.adapters import get_adapter
@@ -53,24 +54,32 @@ def compile_enabled() -> bool:
 def fast_decode(model: nn.Module, enable: bool | None = None) -> bool:
     """Set ``model`` up for the lean decode path (see the module docstring); returns whether it compiles.
 
-    ``enable=False`` restores the eager path (dynamic cache, no compilation); ``None`` decides by
-    :func:`compile_enabled`."""
+    ``enable=False`` restores the plain eager path (dynamic cache, unfused layers, no compilation);
+    ``None`` fuses the decoder layers (:mod:`lowbit.decoding.fused`, unless ``LOWBIT_FUSE_LAYERS=0``)
+    and compiles as :func:`compile_enabled` says; ``True`` compiles in any case."""
     gc = model.generation_config
     share_block_inputs(model)
-    if enable is None:
-        enable = compile_enabled()
-    if not enable:
+    compile_ = compile_enabled() if enable is None else enable
+    fuse = enable is not False and fused.enabled()
+    if not (compile_ or fuse):
+        fused.unfuse_layers(model)
         gc.cache_implementation = None
         gc.compile_config = None
         return False
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             mod.prepare_decode()
+    n_fused = fused.fuse_layers(model)              # every layer gets _lowbit_fused (None where unfused)
+    if n_fused:
+        log.info("fused decode: %d decoder layer(s) run as one call per token", n_fused)
+    gc.cache_implementation = "static" if (compile_ or n_fused) else None
+    if not compile_:
+        gc.compile_config = None
+        return False
     _use_lowbit_inductor_cache()
     options = compile_options()
     config = CompileConfig(fullgraph=False, dynamic=None, mode=None if options else "default", options=options or None)
     config._compile_all_devices = True          # transformers compiles on accelerators only unless told
-    gc.cache_implementation = "static"
     gc.compile_config = config
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     return True
@@ -121,7 +130,7 @@ def _keep_guard(entry) -> bool:
     reuses the graph correctly."""
     if not entry.orig_guard.source.is_unspecialized_nn_module():
         return True
-    return entry.guard_type in _KEPT_GUARDS and ("._decode" in entry.name or "._shared" in entry.name)
+    return entry.guard_type in _KEPT_GUARDS and any(k in entry.name for k in ("._decode", "._shared", "._lowbit_fused"))
 
 
 def _lowbit_guard_filter(entries) -> list[bool]:

@@ -45,7 +45,7 @@ log = logging.getLogger("lowbit.kernels")
 
 NAME = "lowbit_fused"
 CSRC = Path(__file__).resolve().with_name("csrc")
-SOURCES = ("fused_ops.cpp", "fused_scalar.cpp", "fused_avx2.cpp", "fused_avx512.cpp", "fused_vnni.cpp")
+SOURCES = ("fused_ops.cpp", "fused_layer.cpp", "fused_scalar.cpp", "fused_avx2.cpp", "fused_avx512.cpp", "fused_vnni.cpp")
 HEADERS = ("fused_common.h",)
 ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 ISA_NAMES = {1: "scalar", 2: "avx2", 3: "avx512"}
@@ -210,6 +210,10 @@ def _register_fakes() -> None:
     def _linear_q8_fake(x, codes, scale, zero, bits, group_size, in_features):
         torch._check(x.dim() == 2 and codes.dim() == 2, lambda: "lowbit::grouped_linear_q8: x and codes must be 2-D")
         return x.new_empty((x.shape[0], codes.shape[0]))
+
+    @torch.library.register_fake("lowbit::decode_layer")
+    def _decode_layer_fake(x, w, meta, fmeta, keys, values, length, cos, sin, mask):
+        return torch.empty_like(x)
 
     @torch.library.register_fake("lowbit::grouped_repack")
     def _repack_fake(codes, bits, in_features, layout=0):

@@ -373,6 +373,16 @@ int64_t fused_parallel_threads(int64_t n) {
 }
 
 }  // namespace
+
+// One linear layer of a fused decoder layer (fused_layer.cpp): the GEMV of grouped_linear (best ISA) or, with
+// q8, of grouped_linear_q8, called without the dispatcher.
+at::Tensor layer_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                        const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size, int64_t in_features,
+                        bool q8) {
+  if (q8) return grouped_linear_q8(x, codes, scale, zero, bits, group_size, in_features);
+  return grouped_linear(x, codes, scale, zero, bits, group_size, in_features, ISA_AUTO, 1);
+}
+
 }  // namespace lowbit_fused
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {

@@ -1,0 +1,196 @@
+"""Fused decoder layers: one C++ call per layer and decoded token (``torch.ops.lowbit.decode_layer``).
+
+A decoded token of a small model spends as much time around its matrix-vector products as in them:
+Python and operator dispatch for the norms, the rotary embedding, the cache update and attention,
+the compiled graph's wrapper and its guards (SmolLM2-135M at 4 bits: about 4 ms of an 8 ms step).
+:func:`fuse_layers` gives every qualifying decoder layer a forward that, for one token of a batch of
+one with a static KV cache, runs the whole layer in one call: norms, q/k/v (one GEMV over the
+stacked layers of :mod:`lowbit.modules.shared`), rotary embedding, the cache write, attention,
+``o_proj``, the residuals and the gated MLP. The GEMVs are the layers' own bound kernels
+(:meth:`~lowbit.modules.QuantLinear.prepare_decode`), so the fused layer computes what the unfused
+one does, to fp32 rounding; any other call (prefill, a batch, a dynamic cache, gradients) runs the
+layer's ordinary forward.
+
+A layer qualifies when its family computes a llama-style layer (``llama``, ``mistral``, ``qwen2``,
+``qwen3``: RMS norms, rotate-half rotary embedding, grouped-query attention, a SiLU-gated MLP,
+biases on q/k/v and o allowed, per-head q/k norms for qwen3), its q/k/v and gate/up layers share
+one kernel call each, and every one of its linear layers is bound to lowbit's fused kernel. The
+cache layer must be a ``transformers`` ``StaticLayer`` holding fp32 (sliding-window layers run
+unfused). ``LOWBIT_FUSE_LAYERS=0`` turns this off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import types
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.errors import UnsupportedArchitectureError
+from lowbit.kernels import _ext
+from lowbit.models.adapters import get_adapter
+from lowbit.modules import QuantLinear
+
+log = logging.getLogger("lowbit.decoding")
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+_FUSED_KERNELS = {"fused": 0, "fused_q8": 1}
+
+
+def enabled() -> bool:
+    """Whether :func:`fuse_layers` fuses: the extension is available and ``LOWBIT_FUSE_LAYERS`` is not ``0``."""
+    if os.environ.get("LOWBIT_FUSE_LAYERS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return _ext.available()
+
+
+class FusedLayer:
+    """What one decoder layer passes to ``decode_layer``: its tensors, formats and constants."""
+
+    def __init__(self, block: nn.Module, family: str):
+        attn, mlp = block.self_attn, block.mlp
+        qkv, gu = attn.q_proj._shared, mlp.gate_proj._shared
+        linears = [qkv, attn.o_proj, gu, mlp.down_proj]
+        empty = torch.empty(0)
+        tensors, meta = [block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach()], []
+        for lin in linears:
+            kernel, plan = lin._decode
+            tensors += [plan.codes, plan.scale, empty if plan.zero is None else plan.zero]
+            meta += [plan.bits, plan.group_size, _FUSED_KERNELS[kernel.name]]
+        o_bias = attn.o_proj.bias
+        q_norm = getattr(attn, "q_norm", None) if family == "qwen3" else None
+        tensors += [empty if qkv.bias is None else qkv.bias.detach().float(),
+                    empty if o_bias is None else o_bias.detach().float(),
+                    empty if q_norm is None else q_norm.weight.detach(),
+                    empty if q_norm is None else attn.k_norm.weight.detach()]
+        cfg = attn.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.tensors = tensors
+        self.meta = [self.heads, self.kv_heads, self.head_dim] + meta
+        self.fmeta = [float(block.input_layernorm.variance_epsilon),
+                      float(q_norm.variance_epsilon) if q_norm is not None else 0.0, float(attn.scaling)]
+        self.layer_idx = attn.layer_idx
+        self.hidden = block.input_layernorm.weight.shape[0]
+
+
+def qualifies(block: nn.Module, family: str) -> str | None:
+    """Why ``block`` cannot be fused (``None``: it can)."""
+    if family not in FAMILIES:
+        return f"family {family!r}"
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    if attn is None or mlp is None:
+        return "no self_attn/mlp"
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if not all(isinstance(getattr(attn, n, None), QuantLinear) for n in names):
+        return "attention layers not all quantized"
+    if not all(isinstance(getattr(mlp, n, None), QuantLinear) for n in ("gate_proj", "up_proj", "down_proj")):
+        return "MLP layers not all quantized"
+    qkv, gu = attn.q_proj._shared, mlp.gate_proj._shared
+    if qkv is None or [m for m in qkv.members] != [attn.q_proj, attn.k_proj, attn.v_proj]:
+        return "q/k/v do not share one call"
+    if gu is None or [m for m in gu.members] != [mlp.gate_proj, mlp.up_proj]:
+        return "gate/up do not share one call"
+    for lin in (qkv, attn.o_proj, gu, mlp.down_proj):
+        bound = lin._decode
+        if bound is None or bound[0].name not in _FUSED_KERNELS:
+            return f"a layer runs kernel {bound[0].name if bound else None!r}"
+    norms = (block.input_layernorm, block.post_attention_layernorm)
+    if any(type(n).__name__ not in (f"{c}RMSNorm" for c in ("Llama", "Mistral", "Qwen2", "Qwen3")) for n in norms):
+        return "norms are not llama-style RMS norms"
+    if norms[0].variance_epsilon != norms[1].variance_epsilon:
+        return "the two norms have different eps"
+    cfg = attn.config
+    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
+        return f"activation {cfg.hidden_act!r}"
+    if getattr(mlp, "gate_proj").bias is not None or mlp.down_proj.bias is not None:
+        return "MLP biases"
+    if family == "qwen3" and not (hasattr(attn, "q_norm") and hasattr(attn, "k_norm")):
+        return "qwen3 without q/k norms"
+    if attn.head_dim % 2:
+        return "odd head dim"
+    return None
+
+
+def _fused_forward(self, hidden_states: Tensor, attention_mask=None, position_ids=None, past_key_values=None,
+                   use_cache=False, position_embeddings=None, **kwargs):
+    """The decoder layer's forward: ``decode_layer`` for one token of a batch of one with a static fp32 cache,
+    the layer's own forward otherwise."""
+    fused: FusedLayer | None = self._lowbit_fused
+    layer = None if fused is None else _static_layer(past_key_values, fused.layer_idx)
+    if (layer is None or position_embeddings is None or hidden_states.shape != (1, 1, fused.hidden)
+            or hidden_states.dtype != torch.float32 or (torch.is_grad_enabled() and hidden_states.requires_grad)
+            or not (attention_mask is None or isinstance(attention_mask, Tensor))):
+        return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, use_cache=use_cache,
+                                  position_embeddings=position_embeddings, **kwargs)
+    cos, sin = position_embeddings
+    mask = attention_mask
+    if mask is not None:
+        if mask.numel() != layer.keys.shape[2]:
+            return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                      past_key_values=past_key_values, use_cache=use_cache,
+                                      position_embeddings=position_embeddings, **kwargs)
+    return torch.ops.lowbit.decode_layer(hidden_states, fused.tensors, fused.meta, fused.fmeta, layer.keys,
+                                         layer.values, layer.cumulative_length, cos, sin, mask)
+
+
+def _static_layer(cache, idx: int):
+    """The cache's layer ``idx`` when it is an initialized fp32 ``StaticLayer`` of batch one, else ``None``."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or idx >= len(layers):
+        return None
+    layer = layers[idx]
+    if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", False):
+        return None
+    keys = layer.keys
+    if keys.dtype != torch.float32 or keys.shape[0] != 1 or keys.device.type != "cpu":
+        return None
+    return layer
+
+
+def fuse_layers(model: nn.Module) -> int:
+    """Give every qualifying decoder layer of ``model`` the fused one-token forward (module docstring); the
+    number of layers fused. Call after the layers' kernels are bound; :func:`unfuse_layers` undoes it.
+
+    Every layer of a fusable family gets the forward wrapper and a ``_lowbit_fused`` attribute (``None``
+    where it runs unfused), fused or not: a compiled decode step guards on that attribute, so models that
+    differ in what is fused never share a compiled graph."""
+    unfuse_layers(model)
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedArchitectureError:
+        return 0
+    if adapter.family not in FAMILIES:
+        return 0
+    on = enabled()
+    n, left, why = 0, 0, set()
+    for _, block in adapter.blocks(model):
+        reason = qualifies(block, adapter.family) if on else "LOWBIT_FUSE_LAYERS=0 or no extension"
+        block._lowbit_fused = FusedLayer(block, adapter.family) if reason is None else None
+        if "forward" not in block.__dict__:
+            block.forward = types.MethodType(_fused_forward, block)
+        if reason is None:
+            n += 1
+        else:
+            left += 1
+            why.add(reason)
+    if why and on:
+        log.info("fused decode: %d layer(s) left unfused (%s)", left, "; ".join(sorted(why)))
+    return n
+
+
+def unfuse_layers(model: nn.Module) -> None:
+    """Every layer back to its own forward. The forward wrapper stays, with ``_lowbit_fused = None``: a compiled
+    decode step keeps a guard on that attribute (:func:`lowbit.decoding._keep_guard`) and recompiles."""
+    for mod in model.modules():
+        if "_lowbit_fused" in mod.__dict__:
+            mod._lowbit_fused = None
+
+
+def fused_count(model: nn.Module) -> int:
+    """How many layers of ``model`` run fused."""
+    return sum(1 for m in model.modules() if m.__dict__.get("_lowbit_fused") is not None)

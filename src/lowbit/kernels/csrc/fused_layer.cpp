@@ -1,0 +1,250 @@
+// torch.ops.lowbit.decode_layer: one decode step (one token, batch 1) of a llama-style decoder layer in one
+// call, for lowbit.decoding's fused decode path.
+//
+//   h   = rms_norm(x) * ln1
+//   qkv = h @ Wqkv.T (+ bias)               one GEMV over the stacked q/k/v layers (fused_ops.cpp)
+//   q, k <- rms_norm per head (qwen3), then rotary embedding with the step's cos/sin (rotate-half form)
+//   keys[:, :, pos], values[:, :, pos] = k, v; length += 1      (a transformers StaticLayer's tensors)
+//   a   = softmax(scaling * q k^T + mask) v   per head, grouped-query heads sharing their kv head
+//   x   = x + a @ Wo.T (+ bias)
+//   h   = rms_norm(x) * ln2
+//   g, u = h @ Wgu.T                         one GEMV over the stacked gate/up layers
+//   x   = x + (silu(g) * u) @ Wd.T
+//
+// Everything is fp32 and computed in the order transformers computes it, up to summation order: the
+// result matches the unfused layer to fp32 rounding.  The GEMVs are the same kernels (and the same
+// int8-activation choice) as the layers' own calls; the rest (norms, rotary, attention) is small next to
+// them.  The Python side (lowbit/decoding/fused.py) decides when a layer qualifies and passes:
+//
+//   w:     [ln1, ln2, qkv codes, scale, zero, o codes, scale, zero, gate/up codes, scale, zero,
+//           down codes, scale, zero, qkv bias, o bias, q norm, k norm]   (absent: an empty tensor)
+//   meta:  [heads, kv heads, head dim, then per linear (qkv, o, gate/up, down): bits, group size, q8]
+//   fmeta: [rms eps, q/k norm eps, attention scaling]
+//   mask:  the layer's attention mask row for this token, bool (attend where true) or additive float,
+//          over the cache length; or none: positions 0 .. pos.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace lowbit_fused {
+
+at::Tensor layer_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                        const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size, int64_t in_features,
+                        bool q8);
+
+namespace {
+
+// sum_i a[i] * b[i] in 16 independent partial sums, so that the compiler vectorizes it (a single running sum
+// is one dependent add per element: latency-bound, and attention makes thousands of these per token)
+float dot(const float* a, const float* b, int64_t n) {
+  float acc[16] = {0.f};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+  float t = 0.f;
+  for (; i < n; ++i) t += a[i] * b[i];
+  for (int j = 0; j < 16; ++j) t += acc[j];
+  return t;
+}
+
+void rms_norm(const float* x, const float* w, int64_t n, double eps, float* y) {
+  const float ss = dot(x, x, n);
+  const float r = 1.f / std::sqrt(ss / (float)n + (float)eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+// x (d) <- x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[d/2:], x[:d/2])
+void rotary(float* x, const float* cos, const float* sin, int64_t d) {
+  const int64_t h = d / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + h] = b * cos[i + h] + a * sin[i + h];
+  }
+}
+
+bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
+
+const float* floats(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n,
+                    "lowbit decode_layer: ", name, " must be contiguous float32 with ", n, " elements, got ",
+                    t.scalar_type(), " with ", t.numel());
+  return t.data_ptr<float>();
+}
+
+struct Linear {
+  const at::Tensor *codes, *scale;
+  std::optional<at::Tensor> zero;
+  int64_t bits, group_size;
+  bool q8;
+};
+
+at::Tensor run(const Linear& L, const at::Tensor& x) {
+  return layer_linear(x, *L.codes, *L.scale, L.zero, L.bits, L.group_size, x.size(1), L.q8);
+}
+
+at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, at::IntArrayRef meta, at::ArrayRef<double> fmeta,
+                        at::Tensor& keys, at::Tensor& values, at::Tensor& length, const at::Tensor& cos,
+                        const at::Tensor& sin, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK_VALUE(w.size() == 18 && meta.size() == 15 && fmeta.size() == 3,
+                    "lowbit decode_layer: expected 18 tensors, 15 ints and 3 floats");
+  const int64_t nh = meta[0], nkv = meta[1], hd = meta[2];
+  TORCH_CHECK_VALUE(nh > 0 && nkv > 0 && nh % nkv == 0 && hd > 0 && hd % 2 == 0,
+                    "lowbit decode_layer: bad head counts ", nh, "/", nkv, " x ", hd);
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.numel() == x.size(-1), "lowbit decode_layer: x must be "
+                    "float32 with one row, got ", x.sizes());
+  const int64_t H = x.size(-1);
+  TORCH_CHECK_VALUE(keys.dim() == 4 && keys.size(0) == 1 && keys.size(1) == nkv && keys.size(3) == hd &&
+                        keys.is_contiguous() && keys.scalar_type() == at::kFloat && values.sizes() == keys.sizes() &&
+                        values.is_contiguous() && values.scalar_type() == at::kFloat,
+                    "lowbit decode_layer: the cache must be contiguous float32 (1, ", nkv, ", L, ", hd, ")");
+  TORCH_CHECK_VALUE(length.numel() == 1 && length.scalar_type() == at::kLong, "lowbit decode_layer: length must be "
+                    "one int64");
+  const int64_t Lmax = keys.size(2);
+  int64_t* lenp = length.data_ptr<int64_t>();
+  const int64_t pos = *lenp;
+  TORCH_CHECK_VALUE(pos >= 0 && pos < Lmax, "lowbit decode_layer: cache position ", pos, " outside the cache of ",
+                    Lmax, " tokens");
+  auto lin = [&](int i) {
+    Linear L;
+    L.codes = &w[2 + 3 * i];
+    L.scale = &w[3 + 3 * i];
+    if (present(w[4 + 3 * i])) L.zero = w[4 + 3 * i];
+    L.bits = meta[3 + 3 * i];
+    L.group_size = meta[4 + 3 * i];
+    L.q8 = meta[5 + 3 * i] != 0;
+    return L;
+  };
+  const Linear qkv_l = lin(0), o_l = lin(1), gu_l = lin(2), down_l = lin(3);
+  const float* ln1 = floats(w[0], H, "input norm weight");
+  const float* ln2 = floats(w[1], H, "post-attention norm weight");
+  const int64_t nq = nh * hd, nk = nkv * hd;
+  const float* cs = floats(cos, hd, "cos");
+  const float* sn = floats(sin, hd, "sin");
+  const at::Tensor xc = x.reshape({1, H}).contiguous();
+  const float* xd = xc.data_ptr<float>();
+
+  // attention block
+  at::Tensor h = at::empty({1, H}, xc.options());
+  rms_norm(xd, ln1, H, fmeta[0], h.data_ptr<float>());
+  at::Tensor qkv = run(qkv_l, h);
+  TORCH_CHECK_VALUE(qkv.size(1) == nq + 2 * nk, "lowbit decode_layer: q/k/v give ", qkv.size(1), " values, expected ",
+                    nq + 2 * nk);
+  float* q = qkv.data_ptr<float>();
+  float* k = q + nq;
+  const float* v = k + nk;
+  if (present(w[14])) {
+    const float* b = floats(w[14], nq + 2 * nk, "q/k/v bias");
+    for (int64_t i = 0; i < nq + 2 * nk; ++i) q[i] += b[i];
+  }
+  if (present(w[16])) {
+    const float* qn = floats(w[16], hd, "q norm weight");
+    const float* kn = floats(w[17], hd, "k norm weight");
+    for (int64_t i = 0; i < nh; ++i) rms_norm(q + i * hd, qn, hd, fmeta[1], q + i * hd);
+    for (int64_t i = 0; i < nkv; ++i) rms_norm(k + i * hd, kn, hd, fmeta[1], k + i * hd);
+  }
+  for (int64_t i = 0; i < nh; ++i) rotary(q + i * hd, cs, sn, hd);
+  for (int64_t i = 0; i < nkv; ++i) rotary(k + i * hd, cs, sn, hd);
+  float* K = keys.data_ptr<float>();
+  float* V = values.data_ptr<float>();
+  for (int64_t j = 0; j < nkv; ++j) {
+    std::copy(k + j * hd, k + (j + 1) * hd, K + (j * Lmax + pos) * hd);
+    std::copy(v + j * hd, v + (j + 1) * hd, V + (j * Lmax + pos) * hd);
+  }
+  *lenp = pos + 1;
+
+  // which cache positions this token attends to, and their additive bias
+  std::vector<float> bias((size_t)Lmax, 0.f);
+  std::vector<char> use((size_t)Lmax, 0);
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor mc = mask->reshape({-1}).contiguous();
+    TORCH_CHECK_VALUE(mc.numel() == Lmax, "lowbit decode_layer: the mask covers ", mc.numel(), " positions, the cache ",
+                      Lmax);
+    if (mc.scalar_type() == at::kBool) {
+      const bool* m = mc.data_ptr<bool>();
+      for (int64_t t = 0; t < Lmax; ++t) use[t] = m[t];
+    } else {
+      const at::Tensor mf = mc.to(at::kFloat);
+      const float* m = mf.data_ptr<float>();
+      for (int64_t t = 0; t < Lmax; ++t) {
+        use[t] = m[t] != -std::numeric_limits<float>::infinity();
+        bias[t] = m[t];
+      }
+    }
+  } else {
+    for (int64_t t = 0; t <= pos; ++t) use[t] = 1;
+  }
+  std::vector<int64_t> live;
+  live.reserve((size_t)pos + 1);
+  for (int64_t t = 0; t < Lmax; ++t)
+    if (use[t]) live.push_back(t);
+  at::Tensor att = at::zeros({1, nq}, xc.options());
+  float* ad = att.data_ptr<float>();
+  const float scaling = (float)fmeta[2];
+  const int64_t group = nh / nkv, n = (int64_t)live.size();
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(n * hd, 1));
+  at::parallel_for(0, nh, grain, [&](int64_t h0, int64_t h1) {
+    std::vector<float> s((size_t)std::max<int64_t>(n, 1));
+    for (int64_t i = h0; i < h1; ++i) {
+      const float* qi = q + i * hd;
+      const float* Kj = K + (i / group) * Lmax * hd;
+      const float* Vj = V + (i / group) * Lmax * hd;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < n; ++c) {
+        const float* kt = Kj + live[c] * hd;
+        s[c] = dot(qi, kt, hd) * scaling + bias[live[c]];
+        mx = std::max(mx, s[c]);
+      }
+      if (n == 0 || mx == -std::numeric_limits<float>::infinity()) continue;   // nothing to attend: zeros
+      float tot = 0.f;
+      for (int64_t c = 0; c < n; ++c) {
+        s[c] = std::exp(s[c] - mx);
+        tot += s[c];
+      }
+      float* out = ad + i * hd;
+      for (int64_t c = 0; c < n; ++c) {
+        const float p = s[c] / tot;
+        const float* vt = Vj + live[c] * hd;
+        for (int64_t e = 0; e < hd; ++e) out[e] += p * vt[e];
+      }
+    }
+  });
+  at::Tensor o = run(o_l, att);
+  TORCH_CHECK_VALUE(o.size(1) == H, "lowbit decode_layer: o_proj gives ", o.size(1), " values, expected ", H);
+  at::Tensor x2 = at::empty({1, H}, xc.options());
+  float* x2d = x2.data_ptr<float>();
+  const float* od = o.data_ptr<float>();
+  const float* ob = present(w[15]) ? floats(w[15], H, "o bias") : nullptr;
+  for (int64_t i = 0; i < H; ++i) x2d[i] = xd[i] + (ob ? od[i] + ob[i] : od[i]);
+
+  // MLP block
+  rms_norm(x2d, ln2, H, fmeta[0], h.data_ptr<float>());
+  at::Tensor gu = run(gu_l, h);
+  TORCH_CHECK_VALUE(gu.size(1) % 2 == 0, "lowbit decode_layer: gate/up give an odd ", gu.size(1), " values");
+  const int64_t I = gu.size(1) / 2;
+  at::Tensor act = at::silu(gu.narrow(1, 0, I));                       // ATen's vectorized SiLU
+  float* a = act.data_ptr<float>();
+  const float* u = gu.data_ptr<float>() + I;
+  for (int64_t i = 0; i < I; ++i) a[i] *= u[i];
+  at::Tensor d = run(down_l, act);
+  TORCH_CHECK_VALUE(d.size(1) == H, "lowbit decode_layer: down_proj gives ", d.size(1), " values, expected ", H);
+  const float* dd = d.data_ptr<float>();
+  for (int64_t i = 0; i < H; ++i) x2d[i] += dd[i];
+  return x2.view(x.sizes());
+}
+
+}  // namespace
+}  // namespace lowbit_fused
+
+TORCH_LIBRARY_FRAGMENT(lowbit, m) {
+  m.def(
+      "decode_layer(Tensor x, Tensor[] w, int[] meta, float[] fmeta, Tensor(a!) keys, Tensor(b!) values, "
+      "Tensor(c!) length, Tensor cos, Tensor sin, Tensor? mask) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("decode_layer", &lowbit_fused::decode_layer); }

@@ -1,0 +1,156 @@
+"""Fused decoder layers (:mod:`lowbit.decoding.fused`): one ``decode_layer`` call per layer and token gives the
+unfused layer's result to fp32 rounding, updates the static cache the same way, and steps aside for every call
+it does not cover."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from conftest import _COMMON, tiny_model, tiny_tokenizer
+
+import lowbit
+from lowbit import checkpoint
+from lowbit.decoding import fused
+from lowbit.kernels import _ext
+from lowbit.pipeline import quantize_model
+from lowbit.recipe import Recipe
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason="the fused extension is unavailable")
+
+FUSABLE = ["llama", "llama-bias", "mistral", "qwen2", "qwen3"]
+
+
+def _model(family: str):
+    if family == "llama-bias":                                          # biases on q/k/v and o
+        torch.manual_seed(0)
+        return T.AutoModelForCausalLM.from_config(T.LlamaConfig(**_COMMON, attention_bias=True)).eval()
+    return tiny_model(family)
+
+
+def _saved(tmp_path, family: str, preset: str = "w4g64"):
+    model = _model(family)
+    report = quantize_model(model, Recipe.resolve(preset), progress=False)
+    path = tmp_path / f"{family}-{preset}"
+    checkpoint.save(model, tiny_tokenizer(), path, report, {"spec": "tiny"})
+    return path
+
+
+def _generate(model, ids, new=10, **kw):
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.scores)
+
+
+def _spy(monkeypatch) -> list:
+    """Count ``decode_layer`` calls (the real op still runs)."""
+    real, calls = torch.ops.lowbit.decode_layer, []
+    monkeypatch.setattr(torch.ops.lowbit, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("family", FUSABLE)
+def test_fused_decode_gives_the_unfused_tokens_and_logits(tmp_path, monkeypatch, family):
+    path = _saved(tmp_path, family)
+    plain = lowbit.load(path, compile=False)                            # dynamic cache, unfused layers
+    fast = lowbit.load(path)                                            # eager here (conftest), fused layers
+    n_layers = fast.config.num_hidden_layers
+    assert fused.fused_count(fast) == n_layers and fused.fused_count(plain) == 0
+    assert fast.generation_config.cache_implementation == "static"
+    ids = torch.randint(3, 200, (1, 7), generator=torch.Generator().manual_seed(1))
+    want, want_scores = _generate(plain, ids)
+    calls = _spy(monkeypatch)
+    got, got_scores = _generate(fast, ids)
+    assert torch.equal(got, want)
+    assert len(calls) == n_layers * 9                                   # every decode step, every layer
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_layer_updates_the_cache_like_the_unfused_layer(tmp_path):
+    path = _saved(tmp_path, "qwen2")
+    model = lowbit.load(path)
+    ids = torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(2))
+    caches = []
+    for on in (True, False):
+        if not on:
+            fused.unfuse_layers(model)
+        out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        cache = out.past_key_values
+        caches.append([(layer.keys.clone(), layer.values.clone(), int(layer.cumulative_length)) for layer in cache.layers])
+    for (k1, v1, n1), (k2, v2, n2) in zip(*caches):
+        assert n1 == n2 == 6 + 4                                        # prompt + 4 decode steps written
+        torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_decode_follows_the_attention_mask(tmp_path):
+    """Left padding: the masked positions of the cache are not attended to, as in the unfused layer."""
+    path = _saved(tmp_path, "llama")
+    plain = lowbit.load(path, compile=False)
+    fast = lowbit.load(path)
+    ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(3))
+    ids[0, :3] = 0
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    want, want_scores = _generate(plain, ids, attention_mask=mask, pad_token_id=0)
+    got, got_scores = _generate(fast, ids, attention_mask=mask, pad_token_id=0)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_calls_it_does_not_cover_run_the_layer_unfused(tmp_path, monkeypatch):
+    path = _saved(tmp_path, "mistral")
+    plain = lowbit.load(path, compile=False)
+    fast = lowbit.load(path)
+    batch = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(4))
+    calls = _spy(monkeypatch)
+    got, _ = _generate(fast, batch, new=4)                              # a batch of two
+    fast.generation_config.cache_implementation = None                  # a dynamic cache
+    got1, _ = _generate(fast, batch[:1], new=4)
+    assert not calls
+    assert torch.equal(got, _generate(plain, batch, new=4)[0])
+    assert torch.equal(got1, _generate(plain, batch[:1], new=4)[0])
+
+
+def test_layers_that_do_not_qualify_stay_unfused(tmp_path, monkeypatch):
+    path = _saved(tmp_path, "llama")
+    monkeypatch.setenv("LOWBIT_FUSE_LAYERS", "0")
+    model = lowbit.load(path)
+    assert fused.fused_count(model) == 0
+    monkeypatch.delenv("LOWBIT_FUSE_LAYERS")
+    model = lowbit.load(path)
+    block = model.model.layers[0]
+    assert fused.qualifies(block, "llama") is None
+    assert fused.qualifies(block, "gemma") == "family 'gemma'"
+    model.model.layers[0].mlp.down_proj._decode = None                  # e.g. a layer without a bound kernel
+    assert "kernel" in fused.qualifies(block, "llama")
+    gemma = lowbit.load(_saved(tmp_path, "gemma"))                      # another family: never fused
+    assert fused.fused_count(gemma) == 0
+
+
+def test_decode_layer_rejects_a_full_cache(tmp_path):
+    path = _saved(tmp_path, "llama")
+    model = lowbit.load(path)
+    f = model.model.layers[0]._lowbit_fused
+    keys = torch.zeros(1, f.kv_heads, 4, f.head_dim)
+    length = torch.tensor(4)
+    x, cs = torch.randn(1, 1, f.hidden), torch.ones(1, 1, f.head_dim)
+    with pytest.raises(ValueError, match="outside the cache of 4 tokens"):
+        torch.ops.lowbit.decode_layer(x, f.tensors, f.meta, f.fmeta, keys, keys.clone(), length, cs, cs, None)
+    with pytest.raises(ValueError, match="expected 18 tensors"):
+        torch.ops.lowbit.decode_layer(x, f.tensors[:-1], f.meta, f.fmeta, keys, keys.clone(), length - 1, cs, cs, None)
+
+
+@pytest.mark.skipif(not _ext.q8_available(), reason="no AVX-512 VNNI: no int8-activation kernel")
+def test_fused_decode_with_int8_activations(tmp_path, monkeypatch):
+    path = _saved(tmp_path, "qwen3")
+    monkeypatch.setenv("LOWBIT_INT8_ACT", "1")
+    fast = lowbit.load(path)
+    assert fast.model.layers[0]._lowbit_fused.meta[5] == 1              # the q/k/v GEMV runs int8 activations
+    fused.unfuse_layers(fast)
+    ids = torch.randint(3, 200, (1, 7), generator=torch.Generator().manual_seed(5))
+    want, want_scores = _generate(fast, ids)                            # the same kernels, layer by layer
+    fused.fuse_layers(fast)
+    got, got_scores = _generate(fast, ids)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-4, atol=1e-4)
