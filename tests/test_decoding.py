@@ -30,7 +30,8 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, monkeypatch):
     eager = lowbit.load(path, compile=False)
     assert eager.generation_config.compile_config is None
     monkeypatch.setenv("LOWBIT_COMPILE", "1")
-    fast = lowbit.load(path)                                            # the default path, compiled
+    assert lowbit.load(path).generation_config.compile_config is None   # every layer fuses: not compiled
+    fast = lowbit.load(path, compile=True)                              # compiled, fused layers inside
     assert fast.generation_config.cache_implementation == "static"
     qmods = [m for m in fast.modules() if isinstance(m, QuantLinear)]
     assert all((m._shared._decode if m._shared is not None else m._decode) is not None for m in qmods)
@@ -49,8 +50,8 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, monkeypatch):
     assert not counters["graph_break"], dict(counters["graph_break"])    # lowbit's ops inside the graph
     # the same checkpoint unfused, in the same process: its own graph, not the fused model's
     monkeypatch.setenv("LOWBIT_FUSE_LAYERS", "0")
-    unfused = lowbit.load(path)
-    assert fused.fused_count(unfused) == 0
+    unfused = lowbit.load(path)                                         # nothing fuses: compiled by default
+    assert fused.fused_count(unfused) == 0 and unfused.generation_config.compile_config is not None
     want = eager.generate(ids2[:1], max_new_tokens=12, min_new_tokens=12, do_sample=False)
     calls = []
     real = torch.ops.lowbit.decode_layer

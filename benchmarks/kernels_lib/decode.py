@@ -36,6 +36,7 @@ HEAD_SUFFIX = "-head8"
 EAGER_SUFFIX = "-eager"
 FLOOR_SUFFIX = "-floor"
 Q8ACT_SUFFIX = "-q8act"
+UNFUSED_SUFFIX = "-unfused"
 LINEARS_SUFFIX = "-linears"
 
 
@@ -53,17 +54,19 @@ class Variant:
     floor: bool = False                  # every linear layer (and the head) a free stub: the framework's own cost
     q8act: bool = False                  # LOWBIT_INT8_ACT=1: the int8-activation kernel (fused_q8) in the choice
     linears: bool = False                # only the decode step's linear calls, compiled: the kernels' share of a step
+    unfused: bool = False                # LOWBIT_FUSE_LAYERS=0: decoder layers as transformers runs them, op by op
 
     @property
     def name(self) -> str:
         base = "fp32" if self.preset is None else self.preset + (HEAD_SUFFIX if self.head else "")
-        return (base + (EAGER_SUFFIX if self.eager and self.preset is not None else "")
+        return (base + (UNFUSED_SUFFIX if self.unfused else "")
+                + (EAGER_SUFFIX if self.eager and self.preset is not None else "")
                 + (Q8ACT_SUFFIX if self.q8act else "") + (FLOOR_SUFFIX if self.floor else "")
                 + (LINEARS_SUFFIX if self.linears else ""))
 
     @property
     def checkpoint_name(self) -> str:
-        return dataclasses.replace(self, eager=False, floor=False, q8act=False, linears=False).name
+        return dataclasses.replace(self, eager=False, floor=False, q8act=False, linears=False, unfused=False).name
 
     @property
     def config(self) -> str:
@@ -73,11 +76,12 @@ class Variant:
                     "embedding or sampling); tok/s = 1 / (time of one such pass)")
         if self.floor:
             return (f"floor: the {dataclasses.replace(self, floor=False).name} row with every linear layer and the head "
-                    "a free stub (returns a stored row)")
+                    "a free stub (returns a stored row; stubbed layers cannot fuse, so this is the unfused path's floor)")
         if self.preset is None:
             return "fp32 transformers model (lowbit.load_model), eager generate"
         return (f"lowbit RTN preset {self.preset}" + (", head int8 (recipe head: int8)" if self.head else ", fp32 head")
                 + (", eager decode (LOWBIT_COMPILE=0)" if self.eager else ", compiled decode (lowbit.load default)")
+                + (", layers unfused (LOWBIT_FUSE_LAYERS=0)" if self.unfused else ", fused decoder layers (default)")
                 + (", int8 activations allowed (LOWBIT_INT8_ACT=1)" if self.q8act else ""))
 
     def recipe(self) -> Recipe:
@@ -114,7 +118,9 @@ def prompt_tokens() -> int:
 def variants() -> list[Variant]:
     return ([Variant(None)] + [Variant(p, head) for p in DECODE_PRESETS for head in (False, True)]
             + [Variant("w4g128", head, eager=True) for head in (False, True)]
-            + [Variant(p, True, q8act=True) for p in ("w8", "w4g128")]
+            + [Variant("w4g128", True, unfused=True), Variant("w4g128", True, unfused=True, eager=True)]
+            + [Variant(p, True, q8act=True) for p in ("w8", "w4g128", "w3g128", "w2g64")]
+            + [Variant("w4g128", True, eager=True, q8act=True)]
             + [Variant(None, floor=True), Variant("w4g128", True, eager=True, floor=True), Variant("w4g128", True, floor=True)]
             + [Variant("w4g128", True, linears=True), Variant("w4g128", True, q8act=True, linears=True)])
 
@@ -208,6 +214,8 @@ def measure(variant: Variant, settings: Settings, work: Path, script: Path) -> d
         os.environ["LOWBIT_COMPILE"] = "0"
     if variant.q8act:
         os.environ["LOWBIT_INT8_ACT"] = "1"
+    if variant.unfused:
+        os.environ["LOWBIT_FUSE_LAYERS"] = "0"
     loaded = lowbit.load_model(source)
     stubs = stub_linears(loaded.model) if variant.floor else 0
     rss_load = peak_rss_mb()
@@ -220,7 +228,10 @@ def measure(variant: Variant, settings: Settings, work: Path, script: Path) -> d
                 "peak_rss_mb": peak_rss_mb(), "stubbed_linears": 0, "decode_kernels": ran}
     speed = decode_speed(loaded.model, loaded.tokenizer, DEFAULT_PROMPT, settings.new_tokens, settings.repeats)
     ran = decode_kernels(loaded.model)
-    return {"speed": speed.to_dict(), "decode_tokens_per_s": speed.decode_tokens_per_s, "prefill_s": speed.prefill_s,
+    from lowbit.decoding.fused import fused_count
+
+    ran_layers = fused_count(loaded.model)
+    return {"fused_layers": ran_layers, "speed": speed.to_dict(), "decode_tokens_per_s": speed.decode_tokens_per_s, "prefill_s": speed.prefill_s,
             "prompt_tokens": speed.prompt_tokens, "bytes_per_token": bytes_per_token(loaded.model),
             "footprint": footprint(loaded.model).to_dict(), "peak_rss_load_mb": rss_load, "peak_rss_mb": peak_rss_mb(),
             "stubbed_linears": stubs, "decode_kernels": ran}

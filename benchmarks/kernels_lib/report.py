@@ -86,6 +86,8 @@ def _decode_table(rows: list[dict], bw: float | None) -> list[str]:
         if ok and r.get("decode_kernels"):
             ran = ", ".join(f"{k} x{v}" for k, v in sorted(r["decode_kernels"].items()))
             note = (note + "; " if note else "") + "decode kernels " + ran
+        if ok and r.get("fused_layers"):
+            note = (note + "; " if note else "") + f"{r['fused_layers']} decoder layers fused"
         out.append("| " + " | ".join([
             r["name"], "llama.cpp" if r["group"] == "llamacpp" else "lowbit", _cell(r["config"]),
             _num(bpt / 1e6 if bpt else None, ".1f"), _num(tps, ".1f"), _num(r.get("x_fp32"), ".2f"), prefill,

@@ -40,8 +40,10 @@ def load_model(spec: str | os.PathLike) -> LoadedModel:
 def load(path: str | os.PathLike, compile: bool | None = None) -> transformers.PreTrainedModel:
     """A checkpoint written by :func:`save` / ``lowbit quantize``, as an ordinary transformers model.
 
-    Its ``generate()`` takes the lean decode path (static KV cache, compiled decode step:
-    :func:`lowbit.decoding.fast_decode`) unless ``compile=False`` or ``LOWBIT_COMPILE=0``."""
+    Its ``generate()`` takes the lean decode path (:func:`lowbit.decoding.fast_decode`: static KV cache,
+    llama-style decoder layers fused into one call per token, a compiled decode step where layers do not
+    fuse) unless ``compile=False``; ``compile=True`` compiles even a fully fused model, ``LOWBIT_COMPILE=0``
+    never compiles."""
     model = checkpoint.load(path)
     fast_decode(model, compile)
     return model
