@@ -154,3 +154,32 @@ def test_fused_decode_with_int8_activations(tmp_path, monkeypatch):
     got, got_scores = _generate(fast, ids)
     assert torch.equal(got, want)
     torch.testing.assert_close(got_scores, want_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_direct_calls_with_a_two_dimensional_mask(tmp_path, monkeypatch):
+    """A forward call outside generate(): one token, a 2-D mask with a padded position, a static cache."""
+    path = _saved(tmp_path, "qwen2")
+    model = lowbit.load(path)
+    ids = torch.randint(3, 200, (1, 7), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(1, 7, dtype=torch.long)
+    mask[0, 1] = 0
+    logits = []
+    for on in (True, False):
+        (fused.fuse_layers if on else fused.unfuse_layers)(model)
+        cache = T.StaticCache(config=model.config, max_cache_len=12)
+        with torch.no_grad():
+            model(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache, use_cache=True)
+            calls = _spy(monkeypatch)
+            out = model(ids[:, 6:], attention_mask=mask, past_key_values=cache, use_cache=True,
+                        position_ids=torch.tensor([[5]]))
+        assert len(calls) == (model.config.num_hidden_layers if on else 0)
+        logits.append(out.logits)
+        monkeypatch.undo()
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    # asking for hidden states: the layers run one by one (still fused), every state is returned
+    fused.fuse_layers(model)
+    cache = T.StaticCache(config=model.config, max_cache_len=12)
+    with torch.no_grad():
+        model(ids[:, :6], past_key_values=cache, use_cache=True)
+        out = model(ids[:, 6:], past_key_values=cache, use_cache=True, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1

@@ -28,6 +28,8 @@ import types
 import torch
 from torch import Tensor, nn
 
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
 from lowbit.errors import UnsupportedArchitectureError
 from lowbit.kernels import _ext
 from lowbit.models.adapters import get_adapter
@@ -122,7 +124,8 @@ def _fused_forward(self, hidden_states: Tensor, attention_mask=None, position_id
     fused: FusedLayer | None = self._lowbit_fused
     layer = None if fused is None else _static_layer(past_key_values, fused.layer_idx)
     if (layer is None or position_embeddings is None or hidden_states.shape != (1, 1, fused.hidden)
-            or hidden_states.dtype != torch.float32 or (torch.is_grad_enabled() and hidden_states.requires_grad)
+            or hidden_states.dtype != torch.float32
+            or torch.is_grad_enabled() and (hidden_states.requires_grad or self.input_layernorm.weight.requires_grad)
             or not (attention_mask is None or isinstance(attention_mask, Tensor))):
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache,
@@ -136,6 +139,42 @@ def _fused_forward(self, hidden_states: Tensor, attention_mask=None, position_id
                                       position_embeddings=position_embeddings, **kwargs)
     return torch.ops.lowbit.decode_layer(hidden_states, fused.tensors, fused.meta, fused.fmeta, layer.keys,
                                          layer.values, layer.cumulative_length, cos, sin, mask)
+
+
+def _fused_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                         inputs_embeds=None, use_cache=None, **kwargs):
+    """The base model's forward when every decoder layer is fused: for one token of a batch of one with a static
+    cache, embedding, rotary embedding, one ``decode_layer`` call per layer and the final norm, without the
+    per-step mask construction and module-call machinery around the layers; the model's own forward otherwise."""
+    fused = self._lowbit_fused_model
+    x = inputs_embeds
+    if (fused is None or past_key_values is None or input_ids is not None and input_ids.shape != (1, 1)
+            or inputs_embeds is not None and (input_ids is not None or inputs_embeds.shape[:2] != (1, 1))
+            or input_ids is None and inputs_embeds is None
+            or not (attention_mask is None or isinstance(attention_mask, Tensor)
+                    and (attention_mask.dim() == 2 or attention_mask.dim() == 4 and attention_mask.shape[2] == 1))
+            or any(kwargs.get(k) or getattr(self.config, k, False) for k in ("output_hidden_states", "output_attentions"))
+            or torch.is_grad_enabled() and any(p.requires_grad for p in self.norm.parameters())):
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                  **kwargs)
+    layers = [_static_layer(past_key_values, f.layer_idx) for f in fused]
+    if any(layer is None for layer in layers):
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                  **kwargs)
+    if x is None:
+        x = self.embed_tokens(input_ids)
+    if x.dtype != torch.float32:
+        x = x.float()
+    if position_ids is None:
+        position_ids = layers[0].cumulative_length.view(1, 1).clone()
+    cos, sin = self.rotary_emb(x, position_ids=position_ids)
+    op = torch.ops.lowbit.decode_layer
+    for f, layer in zip(fused, layers):
+        x = op(x, f.tensors, f.meta, f.fmeta, layer.keys, layer.values, layer.cumulative_length, cos, sin,
+               attention_mask)
+    return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
 
 
 def _static_layer(cache, idx: int):
@@ -180,15 +219,34 @@ def fuse_layers(model: nn.Module) -> int:
             why.add(reason)
     if why and on:
         log.info("fused decode: %d layer(s) left unfused (%s)", left, "; ".join(sorted(why)))
+    base = _base_model(model, adapter)
+    if base is not None:
+        every = n > 0 and not left
+        base._lowbit_fused_model = ([b._lowbit_fused for _, b in adapter.blocks(model)] if every else None)
+        if "forward" not in base.__dict__:
+            base.forward = types.MethodType(_fused_model_forward, base)
     return n
+
+
+def _base_model(model: nn.Module, adapter):
+    """The module holding the decoder layers, its embedding, rotary embedding and final norm (llama-style), or
+    ``None``."""
+    path = adapter.blocks_path.rpartition(".")[0]
+    try:
+        base = model.get_submodule(path) if path else model
+    except AttributeError:
+        return None
+    ok = all(hasattr(base, k) for k in ("embed_tokens", "rotary_emb", "norm", "layers"))
+    return base if ok else None
 
 
 def unfuse_layers(model: nn.Module) -> None:
     """Every layer back to its own forward. The forward wrapper stays, with ``_lowbit_fused = None``: a compiled
     decode step keeps a guard on that attribute (:func:`lowbit.decoding._keep_guard`) and recompiles."""
     for mod in model.modules():
-        if "_lowbit_fused" in mod.__dict__:
-            mod._lowbit_fused = None
+        for key in ("_lowbit_fused", "_lowbit_fused_model"):
+            if key in mod.__dict__:
+                setattr(mod, key, None)
 
 
 def fused_count(model: nn.Module) -> int:

@@ -20,8 +20,9 @@
 //           down codes, scale, zero, qkv bias, o bias, q norm, k norm]   (absent: an empty tensor)
 //   meta:  [heads, kv heads, head dim, then per linear (qkv, o, gate/up, down): bits, group size, q8]
 //   fmeta: [rms eps, q/k norm eps, attention scaling]
-//   mask:  the layer's attention mask row for this token, bool (attend where true) or additive float,
-//          over the cache length; or none: positions 0 .. pos.
+//   mask:  the attention mask row of this token: bool or integer over the first n <= L cache positions
+//          (nonzero attends; positions from n on do not: a generate() 2-D mask), or additive float over
+//          all L; or none: positions 0 .. pos.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -163,18 +164,21 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, at::IntArrayRef m
   std::vector<char> use((size_t)Lmax, 0);
   if (mask.has_value() && mask->defined()) {
     const at::Tensor mc = mask->reshape({-1}).contiguous();
-    TORCH_CHECK_VALUE(mc.numel() == Lmax, "lowbit decode_layer: the mask covers ", mc.numel(), " positions, the cache ",
-                      Lmax);
-    if (mc.scalar_type() == at::kBool) {
-      const bool* m = mc.data_ptr<bool>();
-      for (int64_t t = 0; t < Lmax; ++t) use[t] = m[t];
-    } else {
+    if (mc.is_floating_point()) {                         // additive, over the whole cache
+      TORCH_CHECK_VALUE(mc.numel() == Lmax, "lowbit decode_layer: an additive mask covers ", mc.numel(),
+                        " positions, the cache ", Lmax);
       const at::Tensor mf = mc.to(at::kFloat);
       const float* m = mf.data_ptr<float>();
       for (int64_t t = 0; t < Lmax; ++t) {
         use[t] = m[t] != -std::numeric_limits<float>::infinity();
         bias[t] = m[t];
       }
+    } else {                                              // bool / integer: nonzero attends; none past its end
+      TORCH_CHECK_VALUE(mc.numel() <= Lmax, "lowbit decode_layer: the mask covers ", mc.numel(),
+                        " positions, more than the cache's ", Lmax);
+      const at::Tensor mb = mc.to(at::kBool);
+      const bool* m = mb.data_ptr<bool>();
+      for (int64_t t = 0; t < mc.numel(); ++t) use[t] = m[t];
     }
   } else {
     for (int64_t t = 0; t <= pos; ++t) use[t] = 1;
