@@ -121,7 +121,7 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
 template <int BITS>
 void q8_m(const Q8Args& q, int64_t o0, int64_t o1) {
   switch (q.a.m) {
-    case 1: q8_rows<BITS, 1, BITS == 8 ? 1 : 2>(q, o0, o1); break;  // measured: two weight rows
+    case 1: q8_rows<BITS, 1, BITS == 8 ? 1 : 4>(q, o0, o1); break;  // measured: four weight rows
       // at a time are faster for 2-4 bits, slower for 8 (SmolLM2's 49152x576 head: 2.5 ms against 1.2)
     case 2: q8_rows<BITS, 2, 2>(q, o0, o1); break;
     case 3: q8_rows<BITS, 3, 2>(q, o0, o1); break;
