@@ -183,3 +183,12 @@ def test_direct_calls_with_a_two_dimensional_mask(tmp_path, monkeypatch):
         model(ids[:, :6], past_key_values=cache, use_cache=True)
         out = model(ids[:, 6:], past_key_values=cache, use_cache=True, output_hidden_states=True)
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+
+
+def test_the_decode_path_is_described(tmp_path):
+    from lowbit.decoding import describe
+
+    path = _saved(tmp_path, "llama")
+    assert describe(lowbit.load(path)).startswith("2/2 decoder layers fused, eager step, static cache, kernels ")
+    assert describe(lowbit.load(path, compile=False)) == "0/2 decoder layers fused, eager step, dynamic cache"
+    assert describe(tiny_model("llama")) is None                        # nothing quantized

@@ -74,14 +74,19 @@ class Variant:
             return (f"linears only: the {dataclasses.replace(self, linears=False).name} row's linear layers and head "
                     "called in forward order on one random row, compiled like the decode step (no attention, norms, "
                     "embedding or sampling); tok/s = 1 / (time of one such pass)")
+        if self.floor and self.preset is not None and not self.unfused:
+            return (f"floor: the {dataclasses.replace(self, floor=False).name} row with every fused decoder layer "
+                    "(decode_layer) and the head a free stub: what generate() and the model's own forward cost")
         if self.floor:
             return (f"floor: the {dataclasses.replace(self, floor=False).name} row with every linear layer and the head "
-                    "a free stub (returns a stored row; stubbed layers cannot fuse, so this is the unfused path's floor)")
+                    "a free stub (returns a stored row)")
         if self.preset is None:
             return "fp32 transformers model (lowbit.load_model), eager generate"
         return (f"lowbit RTN preset {self.preset}" + (", head int8 (recipe head: int8)" if self.head else ", fp32 head")
-                + (", eager decode (LOWBIT_COMPILE=0)" if self.eager else ", compiled decode (lowbit.load default)")
-                + (", layers unfused (LOWBIT_FUSE_LAYERS=0)" if self.unfused else ", fused decoder layers (default)")
+                + (", eager decode (LOWBIT_COMPILE=0)" if self.eager
+                   else ", compiled decode (what lowbit.load does when layers do not fuse)" if self.unfused
+                   else ", lowbit.load default: fused decoder layers, not compiled")
+                + (", layers unfused (LOWBIT_FUSE_LAYERS=0)" if self.unfused else "")
                 + (", int8 activations allowed (LOWBIT_INT8_ACT=1)" if self.q8act else ""))
 
     def recipe(self) -> Recipe:
@@ -117,11 +122,10 @@ def prompt_tokens() -> int:
 
 def variants() -> list[Variant]:
     return ([Variant(None)] + [Variant(p, head) for p in DECODE_PRESETS for head in (False, True)]
-            + [Variant("w4g128", head, eager=True) for head in (False, True)]
             + [Variant("w4g128", True, unfused=True), Variant("w4g128", True, unfused=True, eager=True)]
             + [Variant(p, True, q8act=True) for p in ("w8", "w4g128", "w3g128", "w2g64")]
-            + [Variant("w4g128", True, eager=True, q8act=True)]
-            + [Variant(None, floor=True), Variant("w4g128", True, eager=True, floor=True), Variant("w4g128", True, floor=True)]
+            + [Variant(None, floor=True), Variant("w4g128", True, floor=True),
+               Variant("w4g128", True, unfused=True, floor=True), Variant("w4g128", True, unfused=True, eager=True, floor=True)]
             + [Variant("w4g128", True, linears=True), Variant("w4g128", True, q8act=True, linears=True)])
 
 
@@ -148,6 +152,21 @@ def stub_linears(model: nn.Module) -> int:
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, _Free(out_f))
     return len(names)
+
+
+def stub_fused(model: nn.Module) -> int:
+    """The fused path's floor: ``decode_layer`` becomes free (returns its input, advances the cache length) and
+    the head a :class:`_Free`; returns how many decoder layers run fused."""
+    from lowbit.decoding.fused import fused_count
+
+    def free_layer(x, w, meta, fmeta, keys, values, length, cos, sin, mask):
+        length.add_(1)
+        return x
+
+    torch.ops.lowbit.decode_layer = free_layer               # this row's process only
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(_Free(head.out_features))
+    return fused_count(model)
 
 
 def find_variant(name: str) -> Variant:
@@ -217,7 +236,12 @@ def measure(variant: Variant, settings: Settings, work: Path, script: Path) -> d
     if variant.unfused:
         os.environ["LOWBIT_FUSE_LAYERS"] = "0"
     loaded = lowbit.load_model(source)
-    stubs = stub_linears(loaded.model) if variant.floor else 0
+    if not variant.floor:
+        stubs = 0
+    elif variant.preset is not None and not variant.unfused:
+        stubs = stub_fused(loaded.model)
+    else:
+        stubs = stub_linears(loaded.model)
     rss_load = peak_rss_mb()
     if variant.linears:
         step = linears_step_s(loaded.model, settings.repeats)

@@ -98,6 +98,31 @@ def _n_blocks(model: nn.Module) -> int:
         return 1 << 30
 
 
+def describe(model: nn.Module) -> str | None:
+    """Which decode path ``model`` takes, in words (``None`` for a model without quantized layers): fused layers,
+    compiled or eager step, cache, and the one-row kernels its layers bound, e.g. ``"30/30 decoder layers fused,
+    eager step, static cache, kernels fused x121"``."""
+    counts: dict[str, int] = {}
+    seen, quantized = set(), False
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            quantized = True
+            owner = mod._shared if mod._shared is not None else mod
+            if id(owner) in seen or owner._decode is None:
+                continue
+            seen.add(id(owner))
+            counts[owner._decode[0].name] = counts.get(owner._decode[0].name, 0) + 1
+    if not quantized:
+        return None
+    gc = model.generation_config
+    parts = [f"{fused.fused_count(model)}/{_n_blocks(model)} decoder layers fused",
+             "compiled step" if gc.compile_config is not None else "eager step",
+             f"{gc.cache_implementation or 'dynamic'} cache"]
+    if counts:
+        parts.append("kernels " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    return ", ".join(parts)
+
+
 def compile_options() -> dict:
     """The ``torch.compile`` options of the decode step (also for benchmarks timing parts of it)."""
     guard_filter = _guard_filter()

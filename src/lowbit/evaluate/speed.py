@@ -44,6 +44,7 @@ class SpeedResult:
     threads: int  # torch.get_num_threads() during the measurement
     text: str  # decoded continuation of the first timed run, for a sanity look
     first_call_s: float | None = None  # the untimed warm-up generate: compilation of the decode step, if any
+    decode_path: str | None = None  # which decode path ran (lowbit.decoding.describe), for a lowbit model
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,7 +109,17 @@ def decode_speed(
         threads=torch.get_num_threads(),
         text=text,
         first_call_s=first_call_s,
+        decode_path=_decode_path(model),
     )
+
+
+def _decode_path(model) -> str | None:
+    from lowbit.decoding import describe
+
+    try:
+        return describe(model)
+    except Exception:                       # noqa: BLE001 - a description must never fail a measurement
+        return None
 
 
 def _pad_token_id(tokenizer) -> int | None:
