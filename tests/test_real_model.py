@@ -75,17 +75,23 @@ def test_reload_in_a_new_process_and_generate(w4):
 
 
 def test_two_formats_in_one_process_each_decode_their_own_tokens(w4, tmp_path):
-    """The compiled decode step keeps the guards on each layer's kernel plan (bits, group size, widths): a
-    second model of the same architecture but another format compiles for itself instead of reusing the
-    first one's graph (which once failed: ``expected size 960==960, stride 216==288``), and the first
-    model, used again, still gives its own tokens."""
+    """The default (fused decoder layers) and the compiled decode step (``compile=True``: fused layers inside
+    the graph) give the plain path's tokens on the real model. The compiled step keeps the guards on each
+    layer's kernel plan (bits, group size, widths) and fused layer: a second model of the same architecture
+    but another format compiles for itself instead of reusing the first one's graph (which once failed:
+    ``expected size 960==960, stride 216==288``), and the first model, used again, still gives its own
+    tokens."""
     w3 = lowbit.quantize("smollm2-135m", "w3g128", progress=False).save(tmp_path / "w3g128")
     ids = torch.tensor([[1, 504, 3458, 282, 260, 2461, 314]])
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     tokens = {}
     for name, path in (("w4", w4[0]), ("w3", w3), ("w4 again", w4[0])):
-        fast = lowbit.load(path)
-        assert fast.generation_config.compile_config is not None or not lowbit.decoding.compile_enabled()
-        tokens[name] = fast.generate(ids, **kw)
-        assert torch.equal(tokens[name], lowbit.load(path, compile=False).generate(ids, **kw)), name
+        plain = lowbit.load(path, compile=False).generate(ids, **kw)
+        fused = lowbit.load(path)
+        assert lowbit.decoding.fused.fused_count(fused) == 30
+        assert torch.equal(fused.generate(ids, **kw), plain), name
+        compiled = lowbit.load(path, compile=True)
+        assert compiled.generation_config.compile_config is not None
+        tokens[name] = compiled.generate(ids, **kw)
+        assert torch.equal(tokens[name], plain), name
     assert torch.equal(tokens["w4"], tokens["w4 again"]) and not torch.equal(tokens["w4"], tokens["w3"])
