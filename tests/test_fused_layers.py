@@ -192,3 +192,33 @@ def test_the_decode_path_is_described(tmp_path):
     assert describe(lowbit.load(path)).startswith("2/2 decoder layers fused, eager step, static cache, kernels ")
     assert describe(lowbit.load(path, compile=False)) == "0/2 decoder layers fused, eager step, dynamic cache"
     assert describe(tiny_model("llama")) is None                        # nothing quantized
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_linear_f32_matches_f_linear(m):
+    g = torch.Generator().manual_seed(m)
+    w, b = torch.randn(333, 70, generator=g), torch.randn(333, generator=g)
+    x = torch.randn(1, m, 70, generator=g)
+    torch.testing.assert_close(torch.ops.lowbit.linear_f32(x, w, b), torch.nn.functional.linear(x, w, b),
+                               rtol=1e-5, atol=1e-5)
+    assert torch.ops.lowbit.linear_f32(x, w, None).shape == (1, m, 333)
+    with pytest.raises(ValueError, match="float32"):
+        torch.ops.lowbit.linear_f32(x.double(), w, None)
+
+
+def test_an_fp32_head_decodes_through_linear_f32(tmp_path, monkeypatch):
+    path = _saved(tmp_path, "gemma")                                    # not fusable: the head still is
+    model = lowbit.load(path)
+    head = model.get_output_embeddings()
+    assert type(head) is torch.nn.Linear and head._lowbit_fused_head
+    real, calls = torch.ops.lowbit.linear_f32, []
+    monkeypatch.setattr(torch.ops.lowbit, "linear_f32", lambda *a: calls.append(a[0].shape) or real(*a))
+    x = torch.randn(1, 1, head.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+        head(torch.randn(1, 9, head.in_features))                       # a prefill: nn.Linear's own path
+    assert calls == [(1, 1, head.in_features)]
+    y = head(x.requires_grad_())                                        # gradients: nn.Linear's own path
+    assert y.grad_fn is not None and len(calls) == 1
+    plain = lowbit.load(path, compile=False).get_output_embeddings()
+    assert not getattr(plain, "_lowbit_fused_head", False)

@@ -215,6 +215,10 @@ def _register_fakes() -> None:
     def _decode_layer_fake(x, w, meta, fmeta, keys, values, length, cos, sin, mask):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("lowbit::linear_f32")
+    def _linear_f32_fake(x, w, bias):
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
     @torch.library.register_fake("lowbit::grouped_repack")
     def _repack_fake(codes, bits, in_features, layout=0):
         return torch.empty_like(codes, memory_format=torch.contiguous_format)
