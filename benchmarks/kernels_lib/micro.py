@@ -12,8 +12,12 @@ with the int8 head against a 32 MiB L3 here), so each layer's weights come from 
 micro-benchmark calling one small layer again and again reads them from L2/L3 (and can exceed
 the memory's bandwidth). At m = 1 each case is therefore timed twice: *cold*, with a read of a
 buffer four times the last-level cache before every timed call (untimed) so the weights come from
-memory as in decode -- the figure the bandwidth share and the GEMV target use -- and *hot*
-(repeated calls, weights cached). m = 64 (a prefill) is timed hot.
+memory, and *hot* (repeated calls, weights cached). A cold call also pays what a flush costs besides
+the data (TLB and page-table misses on every page, the stream prefetchers starting over), which a
+decode step's back-to-back layers do not, so m = 1 is timed a third way, *stream*, for fp32, the
+kernel ``choose`` picks and ``fused_q8``: one sweep calls the kernel on as many distinct copies of
+the layer as fill twice the last-level cache, back to back, and a call costs the sweep's time over
+the copies -- the figure the GEMV bandwidth target uses. m = 64 (a prefill) is timed hot.
 """
 
 from __future__ import annotations
@@ -133,4 +137,39 @@ def run_shape(in_f: int, out_f: int, threads: int, rows: tuple[int, ...], rounds
             results.append({"format": name, "kernel": kname, "m": m, "cold": cold, "us": best[f"{name}/{kname}"] * 1e6,
                             "fp32_us": best["fp32"] * 1e6, "weight_bytes": formats[name].nbytes(),
                             "chosen": chosen[name] == kname})
+    if 1 in rows:
+        results += _stream(weight, formats, in_f, rounds, budget_s)
     return {"in": in_f, "out": out_f, "threads": threads, "llc_bytes": last_level_cache_bytes(), "results": results}
+
+
+def _copies(nbytes: int) -> int:
+    """Distinct copies of a layer of ``nbytes`` that fill twice the last-level cache (at least two)."""
+    return max(2, -(-2 * last_level_cache_bytes() // max(nbytes, 1)))
+
+
+def _stream(weight: torch.Tensor, formats: dict[str, GroupedInt], in_f: int, rounds: int, budget_s: float) -> list[dict]:
+    """m = 1 *stream* timings (module docstring): fp32 ``F.linear`` and, per format, the chosen kernel and
+    ``fused_q8``, each over distinct copies of the layer called back to back; seconds per call."""
+    x = torch.randn(1, in_f)
+    ws = [weight.clone() for _ in range(_copies(weight.numel() * 4))]
+    cases = {"fp32": lambda: [F.linear(x, w) for w in ws]}
+    per = {"fp32": len(ws)}
+    picks = []
+    with torch.inference_mode():
+        for name, fmt in formats.items():
+            chosen = kernels.choose(fmt, 1, {}).name
+            for k in candidates(fmt):
+                if k.name not in (chosen, "fused_q8"):
+                    continue
+                copies = [GroupedInt(fmt.codes.clone(), fmt.scale.clone(), None if fmt.zero is None else fmt.zero.clone(),
+                                     fmt.spec, fmt.in_features) for _ in range(_copies(fmt.nbytes()))]
+                plans = [(c, k.prepare(c)) for c in copies]
+                cases[f"{name}/{k.name}"] = lambda k=k, plans=plans: [k.run(x, c, st) for c, st in plans]
+                per[f"{name}/{k.name}"] = len(plans)
+                picks.append((name, k.name, k.name == chosen))
+        best = bench(cases, rounds, budget_s)
+    fp32_us = best["fp32"] / per["fp32"] * 1e6
+    return [{"format": name, "kernel": kname, "m": 1, "cold": False, "stream": True,
+             "us": best[f"{name}/{kname}"] / per[f"{name}/{kname}"] * 1e6, "fp32_us": fp32_us,
+             "weight_bytes": formats[name].nbytes(), "chosen": chosen, "copies": per[f"{name}/{kname}"]}
+            for name, kname, chosen in picks]
