@@ -129,19 +129,14 @@ def _fused_forward(self, hidden_states: Tensor, attention_mask=None, position_id
     if (layer is None or position_embeddings is None or hidden_states.shape != (1, 1, fused.hidden)
             or hidden_states.dtype != torch.float32
             or torch.is_grad_enabled() and (hidden_states.requires_grad or self.input_layernorm.weight.requires_grad)
-            or not (attention_mask is None or isinstance(attention_mask, Tensor))):
+            or not (attention_mask is None
+                    or isinstance(attention_mask, Tensor) and attention_mask.numel() == layer.keys.shape[2])):
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache,
                                   position_embeddings=position_embeddings, **kwargs)
     cos, sin = position_embeddings
-    mask = attention_mask
-    if mask is not None:
-        if mask.numel() != layer.keys.shape[2]:
-            return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                      past_key_values=past_key_values, use_cache=use_cache,
-                                      position_embeddings=position_embeddings, **kwargs)
     return torch.ops.lowbit.decode_layer(hidden_states, fused.tensors, fused.meta, fused.fmeta, layer.keys,
-                                         layer.values, layer.cumulative_length, cos, sin, mask)
+                                         layer.values, layer.cumulative_length, cos, sin, attention_mask)
 
 
 def _fused_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -149,35 +144,42 @@ def _fused_model_forward(self, input_ids=None, attention_mask=None, position_ids
     """The base model's forward when every decoder layer is fused: for one token of a batch of one with a static
     cache, embedding, rotary embedding, one ``decode_layer`` call per layer and the final norm, without the
     per-step mask construction and module-call machinery around the layers; the model's own forward otherwise."""
-    fused = self._lowbit_fused_model
-    x = inputs_embeds
-    if (fused is None or past_key_values is None or input_ids is not None and input_ids.shape != (1, 1)
-            or inputs_embeds is not None and (input_ids is not None or inputs_embeds.shape[:2] != (1, 1))
-            or input_ids is None and inputs_embeds is None
-            or not (attention_mask is None or isinstance(attention_mask, Tensor)
-                    and (attention_mask.dim() == 2 or attention_mask.dim() == 4 and attention_mask.shape[2] == 1))
-            or any(kwargs.get(k) or getattr(self.config, k, False) for k in ("output_hidden_states", "output_attentions"))
-            or torch.is_grad_enabled() and any(p.requires_grad for p in self.norm.parameters())):
+    layers = _model_step_layers(self, input_ids, attention_mask, past_key_values, inputs_embeds, kwargs)
+    if layers is None:
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                   **kwargs)
-    layers = [_static_layer(past_key_values, f.layer_idx) for f in fused]
-    if any(layer is None for layer in layers):
-        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                                  **kwargs)
-    if x is None:
-        x = self.embed_tokens(input_ids)
-    if x.dtype != torch.float32:
-        x = x.float()
+    x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     if position_ids is None:
         position_ids = layers[0].cumulative_length.view(1, 1).clone()
     cos, sin = self.rotary_emb(x, position_ids=position_ids)
     op = torch.ops.lowbit.decode_layer
-    for f, layer in zip(fused, layers):
+    for f, layer in zip(self._lowbit_fused_model, layers):
         x = op(x, f.tensors, f.meta, f.fmeta, layer.keys, layer.values, layer.cumulative_length, cos, sin,
                attention_mask)
     return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
+
+
+def _model_step_layers(base, input_ids, attention_mask, past_key_values, inputs_embeds, kwargs) -> list | None:
+    """The cache layers of a one-token step that :func:`_fused_model_forward` covers, else ``None``: a batch of one
+    token, a static fp32 cache in every layer, a 2-D mask or one 4-D mask row, no hidden states or attentions
+    asked for, no gradients."""
+    fused = base._lowbit_fused_model
+    if fused is None or past_key_values is None or (input_ids is None) == (inputs_embeds is None):
+        return None
+    if input_ids is not None and input_ids.shape != (1, 1):
+        return None
+    if inputs_embeds is not None and (inputs_embeds.shape[:2] != (1, 1) or inputs_embeds.dtype != torch.float32):
+        return None
+    if not (attention_mask is None or isinstance(attention_mask, Tensor)
+            and (attention_mask.dim() == 2 or attention_mask.dim() == 4 and attention_mask.shape[2] == 1)):
+        return None
+    if any(kwargs.get(k) or getattr(base.config, k, False) for k in ("output_hidden_states", "output_attentions")):
+        return None
+    if torch.is_grad_enabled() and any(p.requires_grad for p in base.norm.parameters()):
+        return None
+    layers = [_static_layer(past_key_values, f.layer_idx) for f in fused]
+    return None if any(layer is None for layer in layers) else layers
 
 
 def _static_layer(cache, idx: int):
