@@ -231,3 +231,28 @@ def test_an_fp32_head_decodes_through_linear_f32(tmp_path, monkeypatch):
     assert y.grad_fn is not None and len(calls) == 1
     plain = lowbit.load(path, compile=False).get_output_embeddings()
     assert not getattr(plain, "_lowbit_fused_head", False)
+
+
+def test_a_reloaded_model_runs_unfused_until_fused_again(tmp_path, monkeypatch):
+    """New weights loaded into a fused model: its layers notice (their plans and groups changed) and run unfused
+    rather than compute with the weights they were fused with; fast_decode fuses them again."""
+    from lowbit.decoding import fast_decode
+
+    path = _saved(tmp_path, "llama")
+    model = lowbit.load(path)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k in sd if k.endswith("layers.0.self_attn.o_proj.scale"))
+    sd[key] = sd[key] * 2
+    model.load_state_dict(sd)
+    plain = lowbit.load(path, compile=False)
+    plain.load_state_dict(sd)
+    ids = torch.randint(3, 200, (1, 7), generator=torch.Generator().manual_seed(7))
+    want, want_scores = _generate(plain, ids)
+    calls = _spy(monkeypatch)
+    got, got_scores = _generate(model, ids)
+    assert not calls and torch.equal(got, want)
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-4, atol=1e-4)
+    fast_decode(model)
+    got, got_scores = _generate(model, ids)
+    assert calls and torch.equal(got, want)
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-4, atol=1e-4)

@@ -16,7 +16,10 @@ A layer qualifies when its family computes a llama-style layer (``llama``, ``mis
 biases on q/k/v and o allowed, per-head q/k norms for qwen3), its q/k/v and gate/up layers share
 one kernel call each, and every one of its linear layers is bound to lowbit's fused kernel. The
 cache layer must be a ``transformers`` ``StaticLayer`` holding fp32 (sliding-window layers run
-unfused). ``LOWBIT_FUSE_LAYERS=0`` turns this off.
+unfused). ``LOWBIT_FUSE_LAYERS=0`` turns this off. A fused layer holds its layers' kernel tensors:
+moving or reloading one of them (``.to()``, ``load_state_dict``) marks it stale and the block runs
+unfused until :func:`lowbit.decoding.fast_decode` is called again; code that *replaces* a layer's
+modules calls ``fast_decode`` itself.
 
 An fp32 ``nn.Linear`` head (a recipe without ``head: int8``) gets lowbit's memory-bound GEMV for
 decode rows (:func:`fast_head`, any family): it is read whole for every token.
@@ -59,7 +62,12 @@ class FusedLayer:
         qkv, gu = attn.q_proj._shared, mlp.gate_proj._shared
         linears = [qkv, attn.o_proj, gu, mlp.down_proj]
         empty = torch.empty(0)
-        tensors, meta = [block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach()], []
+        tensors, meta = [block.input_layernorm.weight, block.post_attention_layernorm.weight], []
+        # a layer moved or reloaded since (QuantLinear._invalidate) marks this stale: the block then runs unfused
+        # rather than compute with the tensors taken here (the norm weights are the parameters themselves)
+        self.stale = False
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            m._fused_in = self
         for lin in linears:
             kernel, plan = lin._decode
             tensors += [plan.codes, plan.scale, empty if plan.zero is None else plan.zero]
@@ -125,7 +133,7 @@ def _fused_forward(self, hidden_states: Tensor, attention_mask=None, position_id
     """The decoder layer's forward: ``decode_layer`` for one token of a batch of one with a static fp32 cache,
     the layer's own forward otherwise."""
     fused: FusedLayer | None = self._lowbit_fused
-    layer = None if fused is None else _static_layer(past_key_values, fused.layer_idx)
+    layer = None if fused is None or fused.stale else _static_layer(past_key_values, fused.layer_idx)
     if (layer is None or position_embeddings is None or hidden_states.shape != (1, 1, fused.hidden)
             or hidden_states.dtype != torch.float32
             or torch.is_grad_enabled() and (hidden_states.requires_grad or self.input_layernorm.weight.requires_grad)
@@ -166,6 +174,8 @@ def _model_step_layers(base, input_ids, attention_mask, past_key_values, inputs_
     asked for, no gradients."""
     fused = base._lowbit_fused_model
     if fused is None or past_key_values is None or (input_ids is None) == (inputs_embeds is None):
+        return None
+    if any(f.stale for f in fused):
         return None
     if input_ids is not None and input_ids.shape != (1, 1):
         return None

@@ -34,6 +34,7 @@ class QuantLinear(nn.Module):
         self._decode: tuple | None = None          # kernel + state for one row, bound by prepare_decode()
         self._shared = None                        # the SharedInput group this layer's rows belong to, if any
         self._rows: tuple[int, int] | None = None  # its rows in that group
+        self._fused_in = None                      # the fused decoder layer (lowbit.decoding.fused) using its tensors
 
     @classmethod
     def empty(cls, meta: dict, bias: bool) -> "QuantLinear":
@@ -52,6 +53,9 @@ class QuantLinear(nn.Module):
     def _invalidate(self):
         if self._shared is not None:               # moved or reloaded: the stacked copy no longer matches
             self._shared.dissolve()
+        if self._fused_in is not None:             # nor do the tensors a fused decoder layer took
+            self._fused_in.stale = True
+            self._fused_in = None
         self._fmt, self._plans, self._decode = None, {}, None
 
     def prepare_decode(self) -> None:
