@@ -139,3 +139,91 @@ def test_learned_presets_on_every_family(family, preset, tmp_path):
     ids = _ids(4, 16, seed=3)
     report = quantize_model(model, Recipe.from_dict(spec, name=preset), _ids(4, 32), progress=False)
     assert_save_reload_generate(model, report, ids, tmp_path / "ck")
+
+
+# -- learned equivalent scaling and the KL term ------------------------------------------------
+def test_learned_scaling_lowers_block_error():
+    plain = sum(_block_error("rtn", {"iters": 60, "batch": 2, "seed": s}, int_zero=True) for s in (0, 1))
+    scaled = sum(_block_error("rtn", {"iters": 60, "batch": 2, "seed": s, "scaling": True}, int_zero=True)
+                 for s in (0, 1))
+    assert scaled < 0.97 * plain
+
+
+def test_scaling_and_kl_spec_are_validated_and_kept_out_of_old_fingerprints():
+    with pytest.raises(RecipeError, match="scaling"):
+        Recipe(method="rtn", learned={"scaling": "yes"})
+    with pytest.raises(RecipeError, match="kl"):
+        Recipe(method="rtn", learned={"kl": -1})
+    with pytest.raises(RecipeError, match="target"):
+        Recipe(method="rtn", learned={"kl": 1.0, "target": "block"})
+    with pytest.raises(RecipeError, match="kl_tokens"):
+        Recipe(method="rtn", learned={"kl": 1.0, "kl_tokens": 0})
+    assert Recipe(method="rtn", learned={"iters": 7}).to_dict()["learned"] == {
+        "iters": 7, "lr": 0.0, "batch": 8, "scale_range": 0.5, "zero_range": 1.0, "target": "fp", "seed": 0}
+    r = Recipe(method="rtn", learned={"scaling": True, "kl": 0.5, "kl_blocks": 2})
+    assert Recipe.from_dict(r.to_dict()) == r
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_learned_scaling_is_folded_exactly_on_every_family(family, monkeypatch, tmp_path):
+    """Every foldable scale group learns a scale, and the stored block (codes, fp16 scales, 1/c folded into
+    the producer) computes what the learned block computed."""
+    import lowbit.pipeline as pl
+
+    seen = []
+    verify = pl._Folded.verify
+    monkeypatch.setattr(pl._Folded, "verify", lambda self, *a: seen.append((self.groups, verify(self, *a))))
+    model = tiny_model(family)
+    recipe = Recipe(method="rtn", bits=3, group_size=32, int_zero=True, calibration={"dtype": "float32"},
+                    learned={"iters": 6, "batch": 2, "scaling": True, "lr": 0.05})
+    report = quantize_model(model, recipe, _ids(4, 32), progress=False)
+    assert len(seen) == 2 and all(groups >= 1 for groups, _ in seen)
+    assert all(rel < 1e-3 for _, rel in seen), seen
+    assert_save_reload_generate(model, report, _ids(2, 12, seed=4), tmp_path / "ck")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_logits_are_the_models(family):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    got = {}
+    hook = model.get_submodule(adapter.final_norm).register_forward_pre_hook(
+        lambda _m, args: got.setdefault("h", args[0]))
+    with torch.no_grad():
+        ref = model(input_ids=_ids(2, 12)).logits
+        hook.remove()
+        torch.testing.assert_close(adapter.logits(model, got["h"]), ref, rtol=0, atol=0)
+
+
+def _final_kl(model, ref_logp, ids) -> float:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits, -1)
+    return float(torch.nn.functional.kl_div(logp.flatten(0, 1), ref_logp.flatten(0, 1), log_target=True,
+                                            reduction="batchmean"))
+
+
+def test_kl_term_lowers_the_final_kl():
+    ids = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = torch.log_softmax(tiny_model("llama")(input_ids=ids).logits, -1)
+    kls = []
+    for extra in ({}, {"kl": 1.0, "kl_blocks": 2, "kl_tokens": 64}):
+        model = tiny_model("llama")
+        quantize_model(model, Recipe(method="rtn", bits=2, group_size=32, int_zero=True,
+                                     calibration={"dtype": "float32"},
+                                     learned={"iters": 40, "batch": 2, **extra}), ids, progress=False)
+        kls.append(_final_kl(model, ref, ids))
+    assert kls[1] < 0.95 * kls[0], kls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kl_term_on_every_family(family, tmp_path):
+    model = tiny_model(family)
+    recipe = Recipe(method="rtn", bits=3, group_size=32, int_zero=True,
+                    learned={"iters": 3, "batch": 2, "kl": 1.0, "kl_blocks": 2, "kl_tokens": 16, "scaling": True})
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    report = quantize_model(model, recipe, _ids(4, 32), progress=False)
+    kept = {n: p.requires_grad for n, p in model.named_parameters()
+            if n in before and n.rpartition(".")[0] not in report.layers}    # not a quantized layer's bias
+    assert kept and kept == {n: before[n] for n in kept}                      # the model is unfrozen again
+    assert_save_reload_generate(model, report, _ids(2, 12, seed=4), tmp_path / "ck")

@@ -34,6 +34,9 @@ RECIPES = {
     "gptq": dict(method="gptq"),
     # block-level stages, and the full-precision activations kept on disk for learned rounding (best-* shape)
     "awq-gptq-learned": dict(method="gptq", scaling="awq", int_zero=True, learned={"iters": 6, "batch": 2}),
+    # learned equivalent scales folded into producers, and the KL term on the last block (norm + head in memory)
+    "learned-scaling-kl": dict(method="rtn", int_zero=True,
+                               learned={"iters": 6, "batch": 2, "scaling": True, "kl": 1.0, "kl_tokens": 16}),
 }
 
 
@@ -91,3 +94,11 @@ def test_offload_dir_of_another_run_is_refused(tiny_model_dir, corpus_file, tmp_
     lowbit.quantize(src, Recipe(bits=4, group_size=32), progress=False, offload_dir=tmp_path / "off")
     with pytest.raises(LowbitError, match="another recipe"):
         lowbit.quantize(src, Recipe(bits=3, group_size=32), progress=False, offload_dir=tmp_path / "off")
+
+
+def test_kl_over_several_blocks_needs_them_in_memory(tiny_model_dir, corpus_file, tmp_path):
+    recipe = Recipe(method="rtn", bits=3, group_size=32, learned={"iters": 2, "kl": 1.0, "kl_blocks": 2},
+                    calibration={"corpus": str(corpus_file), "windows": 4, "seqlen": 32})
+    with pytest.raises(LowbitError, match="kl_blocks"):
+        lowbit.quantize(str(tiny_model_dir("llama")), recipe, progress=False, offload_dir=tmp_path / "off")
+    assert not (tmp_path / "off" / "progress.json").exists()

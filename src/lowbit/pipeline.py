@@ -36,7 +36,7 @@ from lowbit.formats import WeightFormat
 from lowbit.head import HeadReport, quantize_head
 from lowbit.models.adapters import Adapter, _set_submodule, get_adapter
 from lowbit.models.lazy import LazyWeights
-from lowbit.models.scaling import fold, scale_groups
+from lowbit.models.scaling import ScaleGroup, divide_output, fold, foldable, scale_groups
 from lowbit.modules.quant_linear import dense_weights
 from lowbit.offload import Offload, fingerprint
 from lowbit.quantizers import Method, get_method
@@ -184,6 +184,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
         raise LowbitError(f"recipe {recipe.name!r} needs calibration windows ({what})")
     if lazy is not None and offload is None:
         raise LowbitError("quantizing a model lazily from disk needs an offload directory")
+    if lazy is not None and recipe.learned is not None and recipe.learned.kl > 0 and recipe.learned.kl_blocks > 1:
+        raise RecipeError("learned.kl_blocks > 1 runs later blocks in full precision while a block learns, but a "
+                          "model quantized lazily from disk holds one block at a time: use kl_blocks: 1, or "
+                          "quantize in memory")
     report = QuantizeReport(recipe)
     start = 0
     if offload is not None:
@@ -219,7 +223,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
         targets = None
         if recipe.learned is not None:                                    # before anything changes the block
             targets = run_block(block, fp_inputs if fp_stream else inputs, recipe.calibration_dtype)
-        records = quantize_block(block_name, block, adapter, method, recipe, inputs, targets, seed=i)
+        tail = None
+        if recipe.learned is not None and recipe.learned.kl > 0 and i >= len(blocks) - recipe.learned.kl_blocks:
+            tail = LogitsTail(model, adapter, [b for _, b in blocks[i + 1:]])
+        records = quantize_block(block_name, block, adapter, method, recipe, inputs, targets, seed=i, tail=tail)
         report.layers.update(records)
         last = i == len(blocks) - 1
         if inputs is not None:                       # the next block's inputs (none after the last block)
@@ -242,10 +249,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
 
 def quantize_block(block_name: str, block: nn.Module, adapter: Adapter, method: Method, recipe: Recipe,
                    inputs: list[BlockInput] | None, targets: list[BlockInput] | None = None,
-                   seed: int = 0) -> dict[str, LayerRecord]:
+                   seed: int = 0, tail: "LogitsTail | None" = None) -> dict[str, LayerRecord]:
     """Collect the statistics the recipe needs on ``inputs``, apply block-level stages (scaling), quantize
-    the selected layers one at a time, refine them jointly against ``targets`` (learned rounding),
-    swap them in."""
+    the selected layers one at a time, refine them jointly against ``targets`` (learned rounding; with
+    ``tail``, also against the final logits), swap them in."""
     refs = {rel: ref for rel, ref in adapter.linears(block).items() if recipe.selects(f"{block_name}.{rel}")}
     stats: dict[str, dict[str, Tensor]] = {}
     needs = recipe.needs
@@ -270,13 +277,16 @@ def quantize_block(block_name: str, block: nn.Module, adapter: Adapter, method: 
         for n in names:
             formats[n] = stacked.rows(start, start + weights[n].shape[0])
             start += weights[n].shape[0]
+    folded = None
     if recipe.learned is not None and formats:
-        formats = refine_block(block_name, block, refs, formats, recipe, inputs, targets, seed)
+        formats, folded = refine_block(block_name, block, refs, formats, recipe, inputs, targets, seed, tail, adapter)
     for rel, fmt in formats.items():
         ref = refs[rel]
         records[f"{block_name}.{rel}"] = LayerRecord(fmt.meta(), ref.bias() is not None, fmt.shape[0] * fmt.shape[1],
                                                      fmt.nbytes())
     adapter.install(block, formats)
+    if folded is not None:
+        folded.verify(block_name, block)
     return records
 
 
@@ -305,27 +315,119 @@ class _LearnedLinear(nn.Module):
         return F.linear(x, self.learned().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
+class LogitsTail:
+    """What follows a block in the model: the later blocks (full precision, frozen), the final norm and the
+    head. Learned rounding's KL term (``learned.kl``) compares the log-probabilities it gives on drawn token
+    positions for the learned block's output and for the target."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, later: list[nn.Module]):
+        self.model, self.adapter, self.later = model, adapter, later
+
+    def __call__(self, hidden: Tensor, inp: BlockInput, positions: Tensor) -> Tensor:
+        for blk in self.later:
+            y = blk(hidden, *inp.args, **inp.kwargs)
+            hidden = y[0] if isinstance(y, tuple) else y
+        h = hidden.reshape(-1, hidden.shape[-1])[positions]
+        with torch.autocast("cpu", enabled=False):                 # logits and softmax in fp32
+            return F.log_softmax(self.adapter.logits(self.model, h.float()).float(), dim=-1)
+
+
+@dataclass
+class _Folded:
+    """The learned block's own output on a probe window, to check that the stored block (codes, fp16 scales,
+    input scales folded into producers) reproduces what was learned."""
+
+    probe: BlockInput
+    expected: Tensor
+    groups: int
+
+    def verify(self, block_name: str, block: nn.Module) -> float:
+        got = run_block(block, [self.probe])[0].hidden
+        rel = float((got - self.expected).norm() / self.expected.norm().clamp(min=1e-12))
+        if rel > 1e-3:
+            log.warning("%s: the stored block differs from the learned one by %.2g (relative) on a probe window",
+                        block_name, rel)
+        else:
+            log.debug("%s: stored block matches the learned one (relative %.2g, %d scale groups folded)",
+                      block_name, rel, self.groups)
+        return rel
+
+
+def _equivalent_groups(block: nn.Module, adapter: Adapter, learned: dict[str, LearnedWeight],
+                       probe: BlockInput) -> list[ScaleGroup]:
+    """The block's scale groups whose consumers are all learned and whose producer is a norm, an unquantized
+    linear or a learned linear; each checked by folding a random scale on ``probe`` (:func:`foldable`)."""
+    def check() -> Tensor:
+        return run_block(block, [probe])[0].hidden
+
+    groups = []
+    for g in scale_groups(adapter.family, block):
+        if not all(n in learned for n in g.linears):
+            continue
+        if foldable(block, g, check):
+            groups.append(g)
+    return groups
+
+
+@contextlib.contextmanager
+def _experts_as_quantized(block: nn.Module, refs: dict, formats: dict[str, WeightFormat]):
+    """While active, fused MoE experts compute with their quantized weights (dequantized into their 3-D
+    parameters), so that the learned dense layers see the error the stored experts will make."""
+    saved = {}
+    with torch.no_grad():
+        for rel, fmt in formats.items():
+            ref = refs[rel]
+            if ref.param is None:
+                continue
+            param = getattr(ref.module, ref.param)
+            if id(param) not in saved:
+                saved[id(param)] = (param, param.detach().clone())
+            param[ref.expert].copy_(fmt.dequantize(torch.float32).to(param.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, orig in saved.values():
+                param.copy_(orig)
+
+
 def refine_block(block_name: str, block: nn.Module, refs: dict, formats: dict[str, WeightFormat], recipe: Recipe,
-                 inputs: list[BlockInput], targets: list[BlockInput], seed: int = 0) -> dict[str, WeightFormat]:
+                 inputs: list[BlockInput], targets: list[BlockInput], seed: int = 0, tail: LogitsTail | None = None,
+                 adapter: Adapter | None = None) -> tuple[dict[str, WeightFormat], _Folded | None]:
     """Learn the rounding offsets and group ranges of the block's layers jointly (:mod:`lowbit.quantizers.learned`).
 
     Minimises the mean squared error between the block's output with fake-quantized weights on
     ``inputs`` (the quantized model's activations) and ``targets`` by signed gradient descent
     with a linearly decaying step; each step takes ``learned.batch`` windows of one capture batch
     (a random contiguous run when the capture batch holds more), the capture batches visited in a
-    seeded shuffled order, every one once per pass; keeps the iterate with the lowest step loss. Fused MoE experts keep their
-    starting formats (logged)."""
+    seeded shuffled order, every one once per pass; keeps the iterate with the lowest step loss.
+
+    With ``tail`` (``learned.kl`` > 0, the last ``kl_blocks`` blocks) the loss is
+    ``MSE / MSE₀ + kl · KL / KL₀`` (plain MSE without it): KL the divergence of the model's next-token distribution (the rest of
+    the model run on the block's output, at ``kl_tokens`` drawn positions) from the one the targets give,
+    each term divided by its value at the first step. With ``learned.scaling`` the equivalent input
+    scales of the block's foldable scale groups are learned too, then folded into their producers.
+    Fused MoE experts keep their starting formats (logged) and compute with them while the dense layers
+    learn. Returns the formats and, when anything was learned, the check of the stored block."""
     spec = recipe.learned
     dense = [rel for rel in formats if refs[rel].param is None]
     if len(dense) < len(formats):
         log.info("%s: fused MoE experts keep their %s rounding (learned rounding covers dense layers)",
                  block_name, recipe.method)
     if not dense:
-        return formats
+        return formats, None
+    probe = window_slice(inputs[0], 0, 1)
     learners = {rel: LearnedWeight(refs[rel].weight(), formats[rel], recipe.spec, spec) for rel in dense}
+    groups = _equivalent_groups(block, adapter, learners, probe) if spec.scaling and adapter is not None else []
+    log_scales = []
+    for g in groups:
+        a = nn.Parameter(torch.zeros(refs[g.linears[0]].weight().shape[1]))
+        for n in g.linears:
+            learners[n].scale_inputs(a)
+        log_scales.append(a)
     originals = {rel: refs[rel].module for rel in dense}
-    params = [p for lw in learners.values() for p in lw.parameters() if p.requires_grad]
-    frozen = [p for p in block.parameters() if p.requires_grad]
+    params = [p for lw in learners.values() for p in lw.parameters() if p.requires_grad] + log_scales
+    frozen = [p for p in (tail.model if tail is not None else block).parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     for rel, lw in learners.items():
@@ -333,41 +435,54 @@ def refine_block(block_name: str, block: nn.Module, refs: dict, formats: dict[st
         _set_submodule(block, rel, _LearnedLinear(lw, None if bias is None else bias.detach()))
     gen = torch.Generator().manual_seed(spec.seed * 100003 + seed)
     order: list[int] = []               # capture batches in a seeded shuffled order, each once per pass
-    best_loss, best_state, first_loss = float("inf"), None, None
+    best_loss, best_state, first = float("inf"), None, None
     try:
-        for it in range(spec.iters):
-            if not order:
-                order = torch.randperm(len(inputs), generator=gen).tolist()
-            b = order.pop()
-            inp, tgt = inputs[b], targets[b].hidden
-            n = inp.hidden.shape[0]
-            if n > spec.batch:                                                # a random run of windows
-                a = int(torch.randint(n - spec.batch + 1, (1,), generator=gen))
-                inp, tgt = window_slice(inp, a, a + spec.batch), tgt[a:a + spec.batch]
-            with torch.enable_grad(), _autocast(recipe.calibration_dtype):
-                y = block(inp.hidden, *inp.args, **inp.kwargs)
-                y = y[0] if isinstance(y, tuple) else y
-                loss = F.mse_loss(y.float(), tgt.float())
-            loss_v = loss.item()
-            if first_loss is None:
-                first_loss = loss_v
-            if loss_v < best_loss:
-                best_loss = loss_v
-                best_state = [p.detach().clone() for p in params]
-            if it == spec.iters - 1:
-                break
-            loss.backward()
-            lr = spec.step * (1 - it / spec.iters)
+        with _experts_as_quantized(block, refs, formats):
+            for it in range(spec.iters):
+                if not order:
+                    order = torch.randperm(len(inputs), generator=gen).tolist()
+                b = order.pop()
+                inp, tgt = inputs[b], targets[b].hidden
+                n = inp.hidden.shape[0]
+                if n > spec.batch:                                                # a random run of windows
+                    a = int(torch.randint(n - spec.batch + 1, (1,), generator=gen))
+                    inp, tgt = window_slice(inp, a, a + spec.batch), tgt[a:a + spec.batch]
+                with torch.enable_grad(), _autocast(recipe.calibration_dtype):
+                    y = block(inp.hidden, *inp.args, **inp.kwargs)
+                    y = y[0] if isinstance(y, tuple) else y
+                    mse = F.mse_loss(y.float(), tgt.float())
+                    kl = None
+                    if tail is not None:
+                        pos = torch.randperm(y.shape[0] * y.shape[1], generator=gen)[:spec.kl_tokens]
+                        with torch.no_grad():
+                            teacher = tail(tgt, inp, pos)
+                        kl = F.kl_div(tail(y, inp, pos), teacher, log_target=True, reduction="batchmean")
+                if first is None:                                # the normalisers: each term's first value
+                    first = (max(mse.item(), 1e-30), None if kl is None else max(kl.item(), 1e-30))
+                loss = mse if kl is None else mse / first[0] + spec.kl * kl / first[1]
+                loss_v = loss.item()
+                if loss_v < best_loss:
+                    best_loss = loss_v
+                    best_state = [p.detach().clone() for p in params]
+                if it == spec.iters - 1:
+                    break
+                loss.backward()
+                lr = spec.step * (1 - it / spec.iters)
+                with torch.no_grad():
+                    for p in params:
+                        if p.grad is not None:
+                            p.sub_(lr * p.grad.sign())
+                            p.grad = None
+                    for lw in learners.values():
+                        lw.project()
+                    for a in log_scales:
+                        a.clamp_(-spec.scaling_range, spec.scaling_range)
             with torch.no_grad():
-                for p in params:
-                    if p.grad is not None:
-                        p.sub_(lr * p.grad.sign())
-                        p.grad = None
-                for lw in learners.values():
-                    lw.project()
-        with torch.no_grad():
-            for p, v in zip(params, best_state):
-                p.copy_(v)
+                for p, v in zip(params, best_state):
+                    p.copy_(v)
+                expected = run_block(block, [probe])[0].hidden
+                for g, a in zip(groups, log_scales):             # fold 1/c into each group's producer
+                    _fold_producer(block, g, torch.exp(a), learners, originals)
         out = dict(formats)
         out.update({rel: lw.to_format() for rel, lw in learners.items()})
     finally:
@@ -375,8 +490,28 @@ def refine_block(block_name: str, block: nn.Module, refs: dict, formats: dict[st
             _set_submodule(block, rel, mod)
         for p in frozen:
             p.requires_grad_(True)
-    log.info("%s: learned rounding, block loss %.4g -> %.4g (%d steps)", block_name, first_loss, best_loss, spec.iters)
-    return out
+    kl_note = "" if first[1] is None else f" (MSE and KL, each / its first value; KL₀ {first[1]:.4g})"
+    log.info("%s: learned rounding, block loss %.4g -> %.4g%s (%d steps%s)", block_name,
+             first[0] if first[1] is None else 1.0 + spec.kl, best_loss, kl_note, spec.iters,
+             f", {len(groups)} scale groups" if groups else "")
+    return out, _Folded(probe, expected, len(groups))
+
+
+def _fold_producer(block: nn.Module, group: ScaleGroup, c: Tensor, learners: dict[str, LearnedWeight],
+                   originals: dict[str, nn.Module]) -> None:
+    """Divide the output of ``group``'s producer by ``c``: a learned linear's stored row scales (and its bias),
+    else the norm's gain or the unquantized linear's rows (:func:`lowbit.models.scaling.divide_output`)."""
+    if group.prev not in learners:
+        divide_output(block.get_submodule(group.prev), group.rows, c)
+        return
+    lw = learners[group.prev]
+    n = lw.w.shape[0]
+    rows = slice(n - c.numel(), n) if group.rows == "second_half" else slice(0, n)
+    lw.scale_outputs(c, rows)
+    bias = getattr(originals[group.prev], "bias", None)         # installed with the stored layer
+    if bias is not None:
+        with torch.no_grad():
+            bias[rows] /= c.to(bias.dtype)
 
 
 def collect_statistics(block: nn.Module, adapter: Adapter, refs: dict, needs: frozenset[str],

@@ -48,6 +48,7 @@ from lowbit.quantizers import get_method
 from lowbit.quantizers.learned import LearnedSpec
 
 CALIBRATION_DTYPES = ("bfloat16", "float32")
+_LATER_LEARNED_KEYS = ("scaling", "scaling_range", "kl", "kl_blocks", "kl_tokens")
 SCALINGS = ("none", "awq")
 
 
@@ -174,7 +175,8 @@ class Recipe:
 
     # -- (de)serialization -------------------------------------------------------------
     def to_dict(self) -> dict:
-        """Every field, except ``head`` at its default ``none`` and ``int_zero`` when false: the dict (and so
+        """Every field, except ``head`` at its default ``none``, ``int_zero`` when false and the later ``learned``
+        keys (scaling, kl ...) at their defaults: the dict (and so
         offload fingerprints, checkpoint metadata and benchmark caches) of a recipe written before those
         keys existed is unchanged."""
         d = dataclasses.asdict(self)
@@ -183,6 +185,10 @@ class Recipe:
             del d["head"]
         if not self.int_zero:
             del d["int_zero"]
+        if self.learned is not None:                   # learned keys added later, at their defaults
+            for f in dataclasses.fields(LearnedSpec):
+                if f.name in _LATER_LEARNED_KEYS and d["learned"][f.name] == f.default:
+                    del d["learned"][f.name]
         return d
 
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -28,10 +29,23 @@ class Adapter:
     head: str = "lm_head"
     experts: str | None = None                # block-relative path of fused MoE experts
     keep_fp: tuple[str, ...] = ()             # block-relative names never quantized (routers)
+    final_norm: str = "model.norm"            # the norm between the last block and the head
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """(full name, block) for every decoder block, in order."""
         return [(f"{self.blocks_path}.{i}", b) for i, b in enumerate(model.get_submodule(self.blocks_path))]
+
+    def logits(self, model: nn.Module, hidden: Tensor) -> Tensor:
+        """The model's logits from the last block's output ``hidden`` (..., hidden): final norm, OPT's
+        ``project_out``, the head, Gemma-2's final soft-capping, as the model's own forward computes them."""
+        h = model.get_submodule(self.final_norm)(hidden)
+        if self.family == "opt" and getattr(model.model.decoder, "project_out", None) is not None:
+            h = model.model.decoder.project_out(h)
+        logits = model.get_submodule(self.head)(h)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def linears(self, block: nn.Module) -> dict[str, "LinearRef"]:
         """Block-relative name -> reference of every quantizable matrix in ``block``."""
@@ -121,8 +135,9 @@ ADAPTERS: dict[str, Adapter] = {
     a.family: a
     for a in [
         *(Adapter(f, **_LLAMA_LIKE) for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")),
-        Adapter("opt", "model.decoder.layers", ("model.decoder.embed_tokens", "model.decoder.embed_positions")),
-        Adapter("gpt2", "transformer.h", ("transformer.wte", "transformer.wpe")),
+        Adapter("opt", "model.decoder.layers", ("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+                final_norm="model.decoder.final_layer_norm"),
+        Adapter("gpt2", "transformer.h", ("transformer.wte", "transformer.wpe"), final_norm="transformer.ln_f"),
         *(Adapter(f, **_MOE) for f in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")),
     ]
 }

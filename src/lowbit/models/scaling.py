@@ -116,7 +116,7 @@ def _gain_offset(norm: nn.Module) -> float:
     return 0.0 if bool((y == 0).all()) else 1.0
 
 
-def _divide_output(prev: nn.Module, rows: str, s: Tensor) -> None:
+def divide_output(prev: nn.Module, rows: str, s: Tensor) -> None:
     with torch.no_grad():
         if isinstance(prev, (nn.Linear, Conv1D)):
             w = prev.weight
@@ -144,7 +144,25 @@ def _multiply_input(mod: nn.Module, s: Tensor) -> None:
             w *= s.to(w.dtype)[None, :]
 
 
-def fold(block: nn.Module, group: ScaleGroup, s: Tensor, check=None) -> bool:
+def foldable(block: nn.Module, group: ScaleGroup, check) -> bool:
+    """Whether folding a scale into ``group`` leaves ``block``'s output unchanged: a random positive scale
+    (seeded) is folded, ``check()`` (the block's output on a probe input) compared, and every touched
+    parameter restored exactly, whatever the answer."""
+    prev = block.get_submodule(group.prev)
+    width = _out_width(prev, group.rows)
+    s = torch.exp(torch.empty(width).uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(width)))
+    touched = [prev, *(block.get_submodule(n) for n in group.linears)]
+    saved = [{k: v.detach().clone() for k, v in m.named_parameters(recurse=False)} for m in touched]
+    try:
+        return fold(block, group, s, check, quiet=True)
+    finally:
+        with torch.no_grad():
+            for m, params in zip(touched, saved):
+                for k, v in params.items():
+                    getattr(m, k).copy_(v)
+
+
+def fold(block: nn.Module, group: ScaleGroup, s: Tensor, check=None, quiet: bool = False) -> bool:
     """Fold ``s`` into ``group`` of ``block`` in place; with ``check`` (a callable returning the block's
     output on a probe input) keep the fold only if the output is unchanged (relative error < 1e-3)."""
     prev = block.get_submodule(group.prev)
@@ -152,7 +170,7 @@ def fold(block: nn.Module, group: ScaleGroup, s: Tensor, check=None) -> bool:
     touched = [prev, *mods]
     saved = [{k: v.detach().clone() for k, v in m.named_parameters(recurse=False)} for m in touched]
     before = check() if check is not None else None
-    _divide_output(prev, group.rows, s)
+    divide_output(prev, group.rows, s)
     for m in mods:
         _multiply_input(m, s)
     if check is None:
@@ -161,8 +179,8 @@ def fold(block: nn.Module, group: ScaleGroup, s: Tensor, check=None) -> bool:
     rel = float((after - before).norm() / before.norm().clamp(min=1e-12))
     if rel < 1e-3:
         return True
-    log.warning("scaling %s -> %s changes the block's output (relative %.2g): left unscaled",
-                group.prev, ", ".join(group.linears), rel)
+    (log.debug if quiet else log.warning)("scaling %s -> %s changes the block's output (relative %.2g): left "
+                                          "unscaled", group.prev, ", ".join(group.linears), rel)
     with torch.no_grad():
         for m, params in zip(touched, saved):
             for k, v in params.items():

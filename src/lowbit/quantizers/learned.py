@@ -21,6 +21,14 @@ include it. Starting ``v`` at ``round(x) - x`` instead, the middle of every code
 the signed steps of a whole run (their sum is about ½ with the default decaying step) too short to
 flip almost any weight: only the group ranges were learned.
 
+With equivalent scaling (``learned.scaling``) the layers reading one shared input (a scale group of
+:mod:`lowbit.models.scaling`) also learn one per-input-channel factor ``c = exp(a)``, ``a`` kept in
+``[-r, r]`` (``scaling_range``), as OmniQuant's learnable equivalent transformation: each consumer
+is trained as ``Q(W · diag(c)) · diag(1/c)`` (its group ranges follow the min/max of ``W · diag(c)``,
+``γ`` and ``δ`` on top), which is exactly what it computes once ``1/c`` is folded into the producer
+of the shared input (a norm's gain, or the output rows of the previous linear layer: for a quantized
+producer, its stored row scales). So the stored model holds ``Q(W · diag(c))`` and no extra vector.
+
 The result is an ordinary :class:`~lowbit.formats.GroupedInt` (codes, fp16 scale, fp16 or integer
 zero as the spec says): no new storage and no extra bits. Outlier positions (if any) are kept exactly and excluded.
 """
@@ -58,15 +66,20 @@ class LearnedSpec:
     zero_range: float = 1.0        # δ ∈ [-d, d] code units
     target: str = "fp"             # "fp": the full-precision model's block outputs (fp inputs); "block": the fp block on the quantized inputs
     seed: int = 0
+    scaling: bool = False          # learn a per-input-channel equivalent scale per scale group (module docstring)
+    scaling_range: float = 1.0     # log-scale a ∈ [-r, r]
+    kl: float = 0.0                # weight of the KL divergence of the final logits to the fp model's (0 = off)
+    kl_blocks: int = 1             # the KL term is used for the last kl_blocks blocks (later blocks run in fp)
+    kl_tokens: int = 256           # token positions per step whose logits enter the KL term
 
     def __post_init__(self):
         from lowbit.errors import RecipeError
 
-        for k in ("iters", "batch"):
+        for k in ("iters", "batch", "kl_blocks", "kl_tokens"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise RecipeError(f"learned.{k}={v!r} must be a positive integer")
-        for k in ("lr", "scale_range", "zero_range"):
+        for k in ("lr", "scale_range", "zero_range", "scaling_range", "kl"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise RecipeError(f"learned.{k}={v!r} must be a non-negative number")
@@ -76,6 +89,10 @@ class LearnedSpec:
             raise RecipeError(f"learned.target={self.target!r} must be 'fp' or 'block'")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise RecipeError(f"learned.seed={self.seed!r} must be an integer")
+        if not isinstance(self.scaling, bool):
+            raise RecipeError(f"learned.scaling={self.scaling!r} must be true or false")
+        if self.kl > 0 and self.target != "fp":
+            raise RecipeError("learned.kl needs learned.target 'fp' (the KL is taken to the full-precision model's logits)")
 
     @property
     def step(self) -> float:
@@ -117,24 +134,64 @@ class LearnedWeight(nn.Module):
         self.gamma = nn.Parameter(torch.ones_like(self.s0))
         self.delta = nn.Parameter(torch.zeros_like(self.z0), requires_grad=not spec.symmetric)
 
-    def _params(self) -> tuple[Tensor, Tensor]:
-        s = (self.s0 * self.gamma).clamp(min=_FP16_TINY)
+    # -- equivalent scaling (module docstring) -------------------------------------------
+    def scale_inputs(self, log_c: Tensor) -> None:
+        """Train this layer as ``Q(W · diag(c)) · diag(1/c)``, ``c = exp(log_c)``; ``log_c`` (in_features,) is a
+        parameter shared by every layer reading the same input, owned (and stepped) by the caller."""
+        object.__setattr__(self, "_log_c", log_c)             # not registered: not one of this layer's parameters
+        lo, hi = self._ranges(self.w)
+        self.register_buffer("span0", (hi - lo).clamp(min=1e-12))
+        self.register_buffer("amax0", torch.maximum(-lo, hi).clamp(min=1e-12))
+        self.register_buffer("zmm0", -lo * self.spec.maxq / self.span0)
+
+    def scale_outputs(self, c: Tensor, rows: slice) -> None:
+        """Store output rows ``rows`` divided by ``c`` (the fold of the next layers' input scale): their fp16
+        scales (and outlier values) are divided, codes and zero points unchanged."""
+        div = self.row_div if getattr(self, "row_div", None) is not None else torch.ones(self.w.shape[0])
+        div = div.clone()
+        div[rows] = c.detach().float()
+        self.register_buffer("row_div", div)
+
+    def _c(self) -> Tensor | None:
+        log_c = getattr(self, "_log_c", None)
+        return None if log_c is None else torch.exp(log_c)
+
+    def _ranges(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-group (min, max) of ``w``, zero included (as round-to-nearest's ranges)."""
+        idx = self.gidx.expand_as(w)
+        lo = w.new_zeros(self.s0.shape).scatter_reduce(1, idx, w, "amin")
+        hi = w.new_zeros(self.s0.shape).scatter_reduce(1, idx, w, "amax")
+        return lo, hi
+
+    def _params(self, scaled: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        s = self.s0 * self.gamma
         z = self.z0 + self.delta
+        if scaled is not None:                             # the ranges follow W · diag(c): s₀ and z₀ move with them
+            lo, hi = self._ranges(scaled)
+            if self.spec.symmetric:
+                s = s * torch.maximum(-lo, hi) / self.amax0
+            else:
+                span = (hi - lo).clamp(min=1e-12)
+                s = s * span / self.span0
+                z = z + (-lo * self.spec.maxq / span - self.zmm0)
+        s = s.clamp(min=_FP16_TINY)
         if self.spec.int_zero:                             # stored as an integer code: rounded, gradients straight through
             z = _ste_round(z).clamp(0, self.spec.maxq)
         return s, z
 
     def forward(self) -> Tensor:
-        """The fake-quantized weight (out, in), differentiable in v, γ, δ."""
-        s, z = self._params()
+        """The fake-quantized weight (out, in), differentiable in v, γ, δ (and the shared input scale)."""
+        c = self._c()
+        w = self.w if c is None else self.w * c
+        s, z = self._params(None if c is None else w)
         s = s + (s.half().float() - s).detach()            # the stored fp16 values, gradients straight through
         z = z + (z.half().float() - z).detach()
         s, z = s[:, self.gidx], z[:, self.gidx]
-        q = torch.clamp(_ste_round(self.w / s + z + self.v), 0, self.spec.maxq)
+        q = torch.clamp(_ste_round(w / s + z + self.v), 0, self.spec.maxq)
         w_hat = (q - z) * s
         if self.mask is not None:
-            w_hat = torch.where(self.mask, self.w, w_hat)
-        return w_hat
+            w_hat = torch.where(self.mask, w, w_hat)
+        return w_hat if c is None else w_hat / c
 
     @torch.no_grad()
     def project(self) -> None:
@@ -150,17 +207,22 @@ class LearnedWeight(nn.Module):
 
     @torch.no_grad()
     def to_format(self) -> WeightFormat:
-        """The stored format: codes from the learned rounding with the fp16 scale and zero actually stored."""
-        s, z = self._params()
-        scale = s.half()
+        """The stored format: codes from the learned rounding with the fp16 scale and zero actually stored
+        (the input scale multiplied in, the output rows' divisor folded into the scales)."""
+        c = self._c()
+        w = self.w if c is None else self.w * c
+        s, z = self._params(None if c is None else w)
         zero = z.half()
-        sf = expand_groups(scale.float(), self.spec, self.w.shape[1])
-        zf = expand_groups(zero.float(), self.spec, self.w.shape[1])
-        q = torch.round(self.w / sf + zf + self.v).clamp_(0, self.spec.maxq).to(torch.uint8)
-        base = GroupedInt.pack(q, scale, None if self.spec.symmetric else zero, self.spec)
+        sf = expand_groups(s.half().float(), self.spec, w.shape[1])
+        zf = expand_groups(zero.float(), self.spec, w.shape[1])
+        q = torch.round(w / sf + zf + self.v).clamp_(0, self.spec.maxq).to(torch.uint8)
+        div = getattr(self, "row_div", None)
+        if div is not None:
+            s, w = s / div[:, None], w / div[:, None]
+        base = GroupedInt.pack(q, s.half(), None if self.spec.symmetric else zero, self.spec)
         if self.outliers is None:
             return base
-        return OutlierFormat.from_mask(base, self.mask, self.w)
+        return OutlierFormat.from_mask(base, self.mask, w)
 
 
 __all__ = ["LearnedSpec", "LearnedWeight"]
