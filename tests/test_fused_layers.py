@@ -65,6 +65,8 @@ def test_fused_decode_gives_the_unfused_tokens_and_logits(tmp_path, monkeypatch,
     n_layers = fast.config.num_hidden_layers
     assert fused.fused_count(fast) == n_layers and fused.fused_count(plain) == 0
     assert fast.generation_config.cache_implementation == "static"
+    assert fast.create_masks_for_generate is fused._two_d_mask                # no per-step 4-D mask
+    assert "create_masks_for_generate" not in vars(plain)
     ids = torch.randint(3, 200, (1, 7), generator=torch.Generator().manual_seed(1))
     want, want_scores = _generate(plain, ids)
     calls = _spy(monkeypatch)

@@ -68,6 +68,7 @@ def fast_decode(model: nn.Module, enable: bool | None = None) -> bool:
     share_block_inputs(model)
     if enable is False or (enable is None and not (compile_enabled() or fused.enabled())):
         fused.unfuse_layers(model)
+        fused.plain_generate_masks(model, False)
         gc.cache_implementation = None
         gc.compile_config = None
         return False
@@ -79,6 +80,8 @@ def fast_decode(model: nn.Module, enable: bool | None = None) -> bool:
         log.info("fused decode: %d decoder layer(s) run as one call per token", n_fused)
     compile_ = enable is True or (compile_enabled() and n_fused < _n_blocks(model))
     gc.cache_implementation = "static" if (compile_ or n_fused) else None
+    # every layer fused and the step eager: generate() need not build a 4-D mask per step (fused._two_d_mask)
+    fused.plain_generate_masks(model, not compile_ and n_fused == _n_blocks(model))
     if not compile_:
         gc.compile_config = None
         return False

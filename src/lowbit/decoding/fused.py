@@ -192,6 +192,23 @@ def _model_step_layers(base, input_ids, attention_mask, past_key_values, inputs_
     return None if any(layer is None for layer in layers) else layers
 
 
+def _two_d_mask(*, attention_mask=None, **_unused):
+    """``create_masks_for_generate`` of a fully fused, uncompiled model: ``generate()``'s 2-D mask, unchanged.
+
+    With a static cache ``generate()`` builds a 4-D mask over the whole cache before every step (for a
+    compiled graph); the fused step reads a 2-D mask directly, and an unfused call (prefill) builds its
+    own masks from it, as any forward with a 2-D mask does."""
+    return attention_mask
+
+
+def plain_generate_masks(model: nn.Module, on: bool) -> None:
+    """Let ``generate()`` pass its 2-D mask to ``model`` (``on``), or build its usual per-step masks again."""
+    if on:
+        model.create_masks_for_generate = _two_d_mask
+    elif vars(model).get("create_masks_for_generate") is _two_d_mask:
+        del model.create_masks_for_generate
+
+
 def _static_layer(cache, idx: int):
     """The cache's layer ``idx`` when it is an initialized fp32 ``StaticLayer`` of batch one, else ``None``."""
     layers = getattr(cache, "layers", None)
