@@ -227,3 +227,17 @@ def test_kl_term_on_every_family(family, tmp_path):
             if n in before and n.rpartition(".")[0] not in report.layers}    # not a quantized layer's bias
     assert kept and kept == {n: before[n] for n in kept}                      # the model is unfrozen again
     assert_save_reload_generate(model, report, _ids(2, 12, seed=4), tmp_path / "ck")
+
+
+def test_bf16_calibration_path_runs_where_the_cpu_lacks_it_too(monkeypatch, tmp_path):
+    """The bf16 autocast passes (learned rounding with its KL term and scaling), forced on whatever CPU runs the
+    tests: a CPU without native bf16 would otherwise never take them."""
+    import lowbit.calibrate as cal
+
+    monkeypatch.setattr(cal, "native_bf16", lambda: True)
+    model = tiny_model("llama")
+    recipe = Recipe(method="gptq", bits=3, group_size=32, int_zero=True,
+                    learned={"iters": 3, "batch": 2, "kl": 1.0, "kl_tokens": 16, "scaling": True})
+    assert recipe.calibration_dtype == torch.bfloat16
+    report = quantize_model(model, recipe, _ids(4, 32), progress=False)
+    assert_save_reload_generate(model, report, _ids(2, 12, seed=4), tmp_path / "ck")

@@ -100,7 +100,8 @@ def quantize(model: str | os.PathLike | LoadedModel, recipe: str | Recipe = "w4g
         cal = recipe.calibration
         text, info = load_text(cal.corpus)
         windows = calibration_windows(loaded.tokenizer, text, cal.seqlen, cal.windows, cal.seed)
-        calib = {"corpus": info.to_dict(), "windows": cal.windows, "seqlen": cal.seqlen, "seed": cal.seed}
+        calib = {"corpus": info.to_dict(), "windows": cal.windows, "seqlen": cal.seqlen, "seed": cal.seed,
+                 "forward_dtype": str(recipe.calibration_dtype).removeprefix("torch.")}
     report = quantize_model(loaded.model, recipe, windows, progress=progress, offload=offload, lazy=lazy,
                             source_fingerprint=loaded.source.sha256)
     report.calibration = calib

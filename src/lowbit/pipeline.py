@@ -193,6 +193,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
     if offload is not None:
         calib_hash = (None if calibration is None or not recipe.needs_calibration
                       else fingerprint(ids=calibration.tolist()))
+        if calib_hash is not None and recipe.calibration.dtype == "bfloat16" \
+                and recipe.calibration_dtype != torch.bfloat16:   # bf16 asked, fp32 runs (no native bf16 here):
+            calib_hash = fingerprint(ids=calib_hash, forward="float32")  # a bf16 run's blocks do not resume here
         start = offload.resume_point(fingerprint(recipe=recipe.to_dict(), source=source_fingerprint,
                                                  calibration=calib_hash))
         if start:

@@ -20,7 +20,9 @@ A recipe in YAML (or the same keys in JSON)::
                               # fp16 scale per row (lowbit.head); a tied pair is stored once
 
 ``calibration.dtype`` (``bfloat16`` by default, or ``float32``) is the precision of the calibration
-forward passes; statistics are summed in fp32/fp64 either way.
+forward passes; statistics are summed in fp32/fp64 either way. ``bfloat16`` runs bf16 autocast only on
+a CPU with native bf16 matmuls (AVX-512 BF16, AMX) and fp32 elsewhere, where emulated bf16 is several
+times slower (``lowbit.calibrate.forward_dtype``); the report's calibration record says which ran.
 
 Patterns match full module names such as ``model.layers.3.self_attn.q_proj``: shell globs
 (``fnmatch``), or regular expressions after ``re:`` (``re.fullmatch``). Only linear layers inside
@@ -167,7 +169,9 @@ class Recipe:
 
     @property
     def calibration_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.calibration.dtype == "bfloat16" else torch.float32
+        from lowbit.calibrate import forward_dtype
+
+        return forward_dtype(self.calibration.dtype)
 
     @property
     def needs_calibration(self) -> bool:
