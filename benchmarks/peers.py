@@ -84,7 +84,7 @@ from peers_lib.common import (
     peak_rss_mb,
     short_traceback,
 )
-from peers_lib.report import header_info, markdown, placeholder
+from peers_lib.report import cpu_summary, header_info, markdown, placeholder
 from peers_lib.rows import Row, all_rows, find_row, run_order
 
 WORK = HERE / ".work" / "peers"
@@ -130,7 +130,7 @@ def run_child(row: Row, settings: Settings, work: Path) -> int:
     t_row = time.perf_counter()
     rec = placeholder(row, "running", None)
     rec.update(settings=settings.fingerprint(), fingerprint=row.fingerprint(), threads=torch.get_num_threads(),
-               log=str(work / "logs" / f"{row.name}.log"))
+               log=str(work / "logs" / f"{row.name}.log"), cpu=cpu_summary())
     skip = row.skip_reason()
     if skip:
         rec.update(status="skipped", error=skip)

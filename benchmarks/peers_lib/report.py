@@ -34,10 +34,31 @@ def _cell(s: str, limit: int = 240) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
+def cpu_summary() -> str:
+    """The CPU a row ran on, as far as speed depends on it: model name and widest vector / bf16 support."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                    name = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    isa = ("AVX-512" + (" BF16" if "avx512_bf16" in flags else "") if "avx512f" in flags
+           else "AVX2 only, bf16 emulated" if "avx2" in flags else "no AVX2")
+    return f"{name}, {isa}"
+
+
 def row_note(rec: dict) -> str:
     status = rec.get("status")
     if status == "ok":
-        return "; ".join(rec.get("notes") or [])
+        notes = list(rec.get("notes") or [])
+        if rec.get("cpu"):
+            notes.insert(0, f"ran on {rec['cpu']}")
+        return "; ".join(notes)
     if status == "skipped":
         return f"skipped: {rec.get('error')}"
     if status == "not run":
@@ -52,7 +73,9 @@ def markdown(records: list[dict], settings: dict, header: dict) -> str:
         f"windows for every row; KL and top-1 against the fp32 model). Calibration for every calibrated row: "
         f"{header['calibration']}. Each row ran in its own process; {header['threads']}. "
         f"torch {header['versions'].get('torch')}, transformers {header['versions'].get('transformers')}, "
-        f"{header['machine']}. Written {header['created']}.")
+        f"{header['machine']}. Written {header['created']}. Rows ran on 2-core AMD EPYC machines: those whose "
+        f"note names no CPU on one with AVX-512 BF16 (before 2026-12-04), the others on the CPU their note names; "
+        f"lowbit's calibration passes run in bf16 only where the CPU has native bf16, else fp32.")
     if settings.get("calib_windows") or settings.get("iters"):
         lines.append("")
         lines.append(f"**Development settings**: calibration windows {settings.get('calib_windows')}, "
