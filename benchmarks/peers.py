@@ -137,6 +137,7 @@ def run_child(row: Row, settings: Settings, work: Path) -> int:
         print(f"[{row.name}] skipped: {skip}", flush=True)
         return _finish(rec, work, t_row, cache=False)
     ctx = Context(settings)
+    ctx.work = work
     try:
         out = row.run(ctx)
     except Exception as e:                                      # noqa: BLE001 - the row records it

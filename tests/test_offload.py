@@ -85,6 +85,8 @@ def test_resume_after_interruption_is_bit_identical(tiny_model_dir, recipe, tmp_
     calls.clear()
     resumed = lowbit.quantize(src, recipe, progress=False, offload_dir=tmp_path / "b")
     assert len(resumed.report.layers) == 14                        # restored block 0 + quantized block 1
+    assert resumed.report.earlier_seconds == prog["blocks"][0]["seconds"] > 0    # block 0's time, counted once
+    assert resumed.report.total_seconds > resumed.report.seconds
     out = resumed.save(tmp_path / "resumed")
     assert_same_checkpoint(whole, out)
 

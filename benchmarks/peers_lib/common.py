@@ -18,6 +18,7 @@ import importlib.util
 import os
 import time
 import traceback
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,8 +113,9 @@ CALIBRATION = Recipe().calibration                       # a recipe's default: o
 class Context:
     """Lazily loaded things a row needs; one per child process."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, work: Path | None = None):
         self.settings = settings
+        self.work = work                # the benchmark's work folder (resumable rows keep their state there)
         self._tokenizer = None
         self._layers: dict[str, int] | None = None
         self._calib: Tensor | None = None

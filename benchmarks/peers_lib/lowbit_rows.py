@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import lowbit
 from lowbit.recipe import Recipe
@@ -43,13 +45,24 @@ def run_preset(ctx: Context, preset: str) -> RowOutput:
         notes.append(f"development run: {ctx.settings.calib_windows} calibration windows")
     loaded = ctx.load()
     layers = ctx.layers
+    offload = None
+    if recipe.learned is not None and ctx.work is not None:   # long rows: a killed row resumes after its last block
+        key = json.dumps(ctx.settings.fingerprint(), sort_keys=True)
+        offload = ctx.work / "offload" / f"{preset}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     with Timer() as t:
-        q = lowbit.quantize(loaded, recipe, progress=False)
+        q = lowbit.quantize(loaded, recipe, progress=False, offload_dir=offload)
+    seconds = t.seconds
+    if q.report.earlier_seconds:
+        notes.append(f"resumed after an interruption: the {q.report.earlier_seconds:.0f} s earlier processes "
+                     "spent on the blocks they finished are included in the quantize time")
+        seconds += q.report.earlier_seconds
+    if q.offload is not None:
+        q.offload.clear()                                         # the model now holds every block
     storage = count_storage(q.model, layers, recipe.bits)
     reported = q.report.bits_per_weight
     if abs(reported - storage["bits_per_weight"]) > 1e-6:
         notes.append(f"lowbit's own report says {reported:.4f} bits/weight")
-    return RowOutput(q.model, t.seconds, storage, notes,
+    return RowOutput(q.model, seconds, storage, notes,
                      {"recipe": recipe.to_dict(), "report_bits_per_weight": reported,
                       "report_seconds": q.report.seconds, "calibration": q.report.calibration})
 

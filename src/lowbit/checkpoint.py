@@ -105,7 +105,7 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, report: QuantizeR
             "model_type": model.config.model_type,
             "recipe": report.recipe.to_dict(),
             "calibration": report.calibration,
-            "quantize_seconds": round(report.seconds, 3),
+            "quantize_seconds": round(report.total_seconds, 3),
             "summary": {
                 "quantized_layers": len(report.layers),
                 "quantized_weights": report.weights,

@@ -77,7 +77,8 @@ def quantize(source: str, recipe: str, output: Path, head: str | None, force: bo
     head_note = "" if r.head is None else (f"; head {r.head.mode} {r.head.bits_per_weight:.3f} bits/weight, "
                                            f"{r.head.nbytes / 2**20:.1f} MiB" + (" (tied)" if r.head.tied else ""))
     echo(f"wrote {path}: {len(r.layers)} layers, {r.bits_per_weight:.3f} bits/weight, "
-         f"{r.nbytes / 2**20:.1f} MiB quantized weights{head_note}, {r.seconds:.1f} s")
+         f"{r.nbytes / 2**20:.1f} MiB quantized weights{head_note}, {r.total_seconds:.1f} s"
+         + (f" ({r.earlier_seconds:.1f} s of it in an earlier, interrupted run)" if r.earlier_seconds else ""))
 
 
 @app.command("eval", epilog="Example: lowbit eval out/smollm2-w4g128 --reference smollm2-135m --corpus wiki")

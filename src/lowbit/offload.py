@@ -60,6 +60,10 @@ class Offload:
     def records(self, i: int) -> dict:
         return self.progress()["blocks"][i]["layers"]
 
+    def block_seconds(self, i: int) -> float:
+        """Wall time the run that finished block ``i`` spent on it (0 where it was not recorded)."""
+        return float(self.progress()["blocks"][i].get("seconds", 0.0))
+
     def _write_progress(self, prog: dict) -> None:
         with atomic_file(self.dir / PROGRESS) as tmp:
             tmp.write_text(json.dumps(prog, indent=1))
@@ -73,7 +77,7 @@ class Offload:
         return self.dir / f"inputs-{i:04d}.pt"
 
     def save_block(self, i: int, prefix: str, block: nn.Module, layers: dict, inputs: list | None,
-                   fp_inputs: list | None = None) -> None:
+                   fp_inputs: list | None = None, seconds: float | None = None) -> None:
         """Record block ``i`` as finished: its tensors, the next block's inputs (the quantized model's and,
         for learned rounding, the full-precision model's), then the progress entry; then drop the
         previous block's inputs. Each file is complete before the progress entry names it, so a
@@ -89,7 +93,10 @@ class Offload:
         if len(prog["blocks"]) != i:
             raise LowbitError(f"{self.dir}: progress records {len(prog['blocks'])} blocks, expected {i}; "
                               "two runs share this --offload-dir?")
-        prog["blocks"].append({"name": prefix, "file": self.block_file(i).name, "layers": layers})
+        entry = {"name": prefix, "file": self.block_file(i).name, "layers": layers}
+        if seconds is not None:
+            entry["seconds"] = round(seconds, 3)           # wall time of this block (a resumed run adds them up)
+        prog["blocks"].append(entry)
         self._write_progress(prog)
         if i > 0:
             self.inputs_file(i - 1).unlink(missing_ok=True)

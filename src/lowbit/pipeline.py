@@ -75,6 +75,12 @@ class QuantizeReport:
     seconds: float = 0.0
     calibration: dict | None = None
     head: HeadReport | None = None             # head/embeddings with ``head: int8`` (not in layers or bits_per_weight)
+    earlier_seconds: float = 0.0               # blocks finished by an earlier, interrupted run (offload)
+
+    @property
+    def total_seconds(self) -> float:
+        """Wall time of the whole quantization, the blocks an earlier interrupted run finished included."""
+        return self.seconds + self.earlier_seconds
 
     @property
     def weights(self) -> int:
@@ -212,14 +218,17 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
             inputs = capture_block_inputs(model, adapter, calibration)
             fp_inputs = inputs if fp_stream else None
     bar = tqdm(blocks, desc=f"quantize {recipe.name}", unit="block", disable=not progress)
+    mark = t0
     for i, (block_name, block) in enumerate(bar):
         if i < start:                                                     # finished by an earlier run
+            report.earlier_seconds += offload.block_seconds(i)
             layers = offload.records(i)
             rel = {n[len(block_name) + 1:]: r for n, r in layers.items()}
             adapter.install_empty(block, rel)
             if lazy is None:
                 offload.load_block(i, block, block_name)
             report.layers.update({n: LayerRecord.from_dict(r) for n, r in layers.items()})
+            mark = time.perf_counter()
             continue
         if lazy is not None:
             lazy.materialize(block, block_name)
@@ -238,7 +247,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Tensor | None 
             fp_inputs = None if last else targets
         if offload is not None:
             offload.save_block(i, block_name, block, {n: r.to_dict() for n, r in records.items()}, inputs,
-                               fp_inputs)
+                               fp_inputs, seconds=time.perf_counter() - mark)
+            mark = time.perf_counter()
         if lazy is not None:
             lazy.release(block)
         bar.set_postfix(bits=f"{report.bits_per_weight:.3f}")
