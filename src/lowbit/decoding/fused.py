@@ -128,36 +128,46 @@ def qualifies(block: nn.Module, family: str) -> str | None:
     return None
 
 
-def _fused_forward(self, hidden_states: Tensor, attention_mask=None, position_ids=None, past_key_values=None,
-                   use_cache=False, position_embeddings=None, **kwargs):
+# transformers 5.25 renamed the models' ``past_key_values`` argument (and output field) ``cache``
+_OUT_CACHE = "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def _cache_of(kwargs: dict):
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+def _fused_forward(self, hidden_states: Tensor, *args, **kwargs):
     """The decoder layer's forward: ``decode_layer`` for one token of a batch of one with a static fp32 cache,
-    the layer's own forward otherwise."""
+    the layer's own forward otherwise (called with exactly the arguments it was given)."""
     fused: FusedLayer | None = self._lowbit_fused
-    layer = None if fused is None or fused.stale else _static_layer(past_key_values, fused.layer_idx)
+    attention_mask, position_embeddings = kwargs.get("attention_mask"), kwargs.get("position_embeddings")
+    layer = None if fused is None or fused.stale or args else _static_layer(_cache_of(kwargs), fused.layer_idx)
     if (layer is None or position_embeddings is None or hidden_states.shape != (1, 1, fused.hidden)
             or hidden_states.dtype != torch.float32
             or torch.is_grad_enabled() and (hidden_states.requires_grad or self.input_layernorm.weight.requires_grad)
             or not (attention_mask is None
                     or isinstance(attention_mask, Tensor) and attention_mask.numel() == layer.keys.shape[2])):
-        return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past_key_values, use_cache=use_cache,
-                                  position_embeddings=position_embeddings, **kwargs)
+        return type(self).forward(self, hidden_states, *args, **kwargs)
     cos, sin = position_embeddings
     return torch.ops.lowbit.decode_layer(hidden_states, fused.tensors, fused.meta, fused.fmeta, layer.keys,
                                          layer.values, layer.cumulative_length, cos, sin, attention_mask)
 
 
-def _fused_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                         inputs_embeds=None, use_cache=None, **kwargs):
+def _fused_model_forward(self, *args, **kwargs):
     """The base model's forward when every decoder layer is fused: for one token of a batch of one with a static
     cache, embedding, rotary embedding, one ``decode_layer`` call per layer and the final norm, without the
-    per-step mask construction and module-call machinery around the layers; the model's own forward otherwise."""
-    layers = _model_step_layers(self, input_ids, attention_mask, past_key_values, inputs_embeds, kwargs)
+    per-step mask construction and module-call machinery around the layers; the model's own forward otherwise
+    (called with exactly the arguments it was given)."""
+    input_ids, inputs_embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    attention_mask, cache = kwargs.get("attention_mask"), _cache_of(kwargs)
+    rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "inputs_embeds", "attention_mask", "cache",
+                                                         "past_key_values", "position_ids", "use_cache")}
+    layers = None if args else _model_step_layers(self, input_ids, attention_mask, cache, inputs_embeds, rest)
     if layers is None:
-        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                                  **kwargs)
+        return type(self).forward(self, *args, **kwargs)
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    position_ids = kwargs.get("position_ids")
     if position_ids is None:
         position_ids = layers[0].cumulative_length.view(1, 1).clone()
     cos, sin = self.rotary_emb(x, position_ids=position_ids)
@@ -165,7 +175,7 @@ def _fused_model_forward(self, input_ids=None, attention_mask=None, position_ids
     for f, layer in zip(self._lowbit_fused_model, layers):
         x = op(x, f.tensors, f.meta, f.fmeta, layer.keys, layer.values, layer.cumulative_length, cos, sin,
                attention_mask)
-    return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
+    return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{_OUT_CACHE: cache})
 
 
 def _model_step_layers(base, input_ids, attention_mask, past_key_values, inputs_embeds, kwargs) -> list | None:
