@@ -10,6 +10,7 @@ act_absmean  fp32 (in,)                  ``mean |x|`` per input channel
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Iterator
@@ -25,6 +26,7 @@ STATS: dict[str, type["Statistic"]] = {}
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+@functools.lru_cache(maxsize=None)
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Where it does not, PyTorch emulates bf16
     matmuls: measured 7.5x slower than fp32 on an AVX2 EPYC (a 4096x576 @ 576x1536 product, 2 threads),
