@@ -121,22 +121,17 @@ def peak_rss_mb() -> float | None:
 
 
 # -- the machine --------------------------------------------------------------------------------
-def cpu_flags() -> set[str]:
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags, as lowbit's kernel build reads them."""
-    from lowbit.kernels._ext import _cpu_flags
+    from lowbit.cpu import flags
 
-    return _cpu_flags()
+    return flags()
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from lowbit.cpu import model_name
+
+    return model_name()
 
 
 def machine_info() -> dict:

@@ -4,7 +4,11 @@
 seqlen=512, batch_size=8, dataset=<the windows as {input_ids, attention_mask} batches>,
 device_map="cpu")`` then ``quantize()``: everything else at auto-round's defaults (symmetric
 integer codes, fp16 scales, lr 1/iters, torch.compile on, bf16 autocast on CPU). The quantize
-time covers the constructor and ``quantize()``.
+time covers the constructor and ``quantize()``. One exception: on a CPU without native bf16
+(AVX2 only: no ``avx512_bf16``/``amx_bf16``) the row passes ``amp=False``, so auto-round tunes in
+fp32 as lowbit's calibration does on such a CPU (``lowbit.calibrate.forward_dtype``); PyTorch
+emulates bf16 matmuls there, 7.5x slower than fp32, which made a 200-iteration row take many
+hours. The row's notes say which was used.
 
 auto-round works in bf16 on CPU: after ``quantize()`` every tensor of the model is bf16 and each
 quantized layer holds its fake-quantized bf16 weight, its fp16 ``scale`` and its zero point.
@@ -51,12 +55,16 @@ def run(ctx: Context, bits: int, group: int, iters: int) -> RowOutput:
     model, tok, layers = loaded.model, loaded.tokenizer, ctx.layers
     windows = ctx.calibration()
     batch = 8
+    from lowbit.calibrate import native_bf16
+    amp = native_bf16()            # auto-round's own default on CPU is bf16 autocast; fp32 where bf16 is emulated
     data = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in windows.split(batch)]
     with Timer() as t:
         ar = AutoRound(model, tok, scheme=f"W{bits}A16", group_size=group, iters=iters, nsamples=len(windows),
-                       seqlen=windows.shape[1], batch_size=batch, dataset=data, device_map="cpu")
+                       seqlen=windows.shape[1], batch_size=batch, dataset=data, device_map="cpu", amp=amp)
         ar.quantize()
     notes = [f"{iters} iterations" + (" (development override)" if ctx.settings.iters else "")]
+    if not amp:
+        notes.append("tuned in fp32 (amp=False): this CPU has no native bf16, as for lowbit's calibration here")
     missing = [n for n in layers if not hasattr(model.get_submodule(n), "scale")]
     if missing:
         raise RuntimeError(f"auto-round left {len(missing)} decoder layers unquantized, e.g. {missing[0]}")
@@ -70,7 +78,7 @@ def run(ctx: Context, bits: int, group: int, iters: int) -> RowOutput:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     storage = count_storage(model, layers, bits)
-    extra = {"iters": iters, "sym": sym, "pack_s": tp.seconds}
+    extra = {"iters": iters, "sym": sym, "pack_s": tp.seconds, "amp": amp}
     # the library's own packed CPU forward, and the reconstruction checked against it
     try:
         with torch.no_grad():

@@ -36,20 +36,9 @@ def _cell(s: str, limit: int = 240) -> str:
 
 def cpu_summary() -> str:
     """The CPU a row ran on, as far as speed depends on it: model name and widest vector / bf16 support."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
-                    name = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    isa = ("AVX-512" + (" BF16" if "avx512_bf16" in flags else "") if "avx512f" in flags
-           else "AVX2 only, bf16 emulated" if "avx2" in flags else "no AVX2")
-    return f"{name}, {isa}"
+    from lowbit.cpu import summary
+
+    return summary()
 
 
 def row_note(rec: dict) -> str:

@@ -10,7 +10,6 @@ act_absmean  fp32 (in,)                  ``mean |x|`` per input channel
 
 from __future__ import annotations
 
-import functools
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Iterator
@@ -19,25 +18,10 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from lowbit.cpu import native_bf16
 from lowbit.errors import LowbitError
 
 STATS: dict[str, type["Statistic"]] = {}
-
-_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-@functools.lru_cache(maxsize=None)
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Where it does not, PyTorch emulates bf16
-    matmuls: measured 7.5x slower than fp32 on an AVX2 EPYC (a 4096x576 @ 576x1536 product, 2 threads),
-    where one with AVX-512 BF16 ran the pipeline's bf16 passes 2.3x faster than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return any(f in flags for f in _BF16_FLAGS)
-
 
 def forward_dtype(requested: str) -> torch.dtype:
     """The dtype of the calibration forward passes for ``calibration.dtype`` = ``requested``: ``float32`` as

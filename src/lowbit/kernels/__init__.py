@@ -52,7 +52,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -63,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lowbit import cpu
 from lowbit.formats import GroupedInt, OutlierFormat, WeightFormat
 from lowbit.kernels import _ext
 
@@ -240,13 +240,7 @@ def choices_file() -> Path | None:
 def _machine_file() -> Path:
     from lowbit.cache import cache_dir
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    ident = repr((cpu, sorted(_ext._cpu_flags() & _ISA_FLAGS), torch.__version__,
+    ident = repr((cpu.model_name(), sorted(cpu.flags() & _ISA_FLAGS), torch.__version__,
                   _ext.build_key() if _ext.available() else "no-ext", sorted(KERNELS)))
     return cache_dir() / "kernels" / f"choices-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
 

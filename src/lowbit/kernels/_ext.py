@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lowbit import cpu
 from lowbit.errors import LowbitError, ShapeError
 
 log = logging.getLogger("lowbit.kernels")
@@ -56,24 +57,12 @@ _state: dict = {"tried": False, "ok": False, "reason": None, "build_dir": None, 
 
 
 # -- build ------------------------------------------------------------------------------------------
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    cap = torch.backends.cpu.get_cpu_capability().upper()           # "AVX512", "AVX2", "DEFAULT", ...
-    return {"avx2", "fma", "f16c"} | ({"avx512f", "avx512bw", "avx512vl"} if cap.startswith("AVX512") else set())
-
-
 def feature_level() -> str:
     """The CPU feature level the build is compiled for: ``avx512``, ``avx2``, ``x86-64`` or ``<arch>``."""
     machine = platform.machine().lower()
     if machine not in ("x86_64", "amd64"):
         return machine or "unknown"
-    flags = _cpu_flags()
+    flags = cpu.flags()
     if not {"avx2", "fma", "f16c"} <= flags:
         return "x86-64"
     return "avx512" if {"avx512f", "avx512bw", "avx512vl"} <= flags else "avx2"
