@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -366,13 +366,16 @@ class _Folded:
         return rel
 
 
+def _probe_output(block: nn.Module, probe: BlockInput) -> Callable[[], Tensor]:
+    """The block's output on ``probe``, recomputed at each call: how a fold is checked to change nothing."""
+    return lambda: run_block(block, [probe])[0].hidden
+
+
 def _equivalent_groups(block: nn.Module, adapter: Adapter, learned: dict[str, LearnedWeight],
                        probe: BlockInput) -> list[ScaleGroup]:
     """The block's scale groups whose consumers are all learned and whose producer is a norm, an unquantized
     linear or a learned linear; each checked by folding a random scale on ``probe`` (:func:`foldable`)."""
-    def check() -> Tensor:
-        return run_block(block, [probe])[0].hidden
-
+    check = _probe_output(block, probe)
     groups = []
     for g in scale_groups(adapter.family, block):
         if not all(n in learned for n in g.linears):
@@ -608,11 +611,7 @@ def scale_block(block_name: str, block: nn.Module, adapter: Adapter, recipe: Rec
     reading the shared input, folded into the block (verified to leave its output unchanged on one
     calibration window), and the group's statistics are rewritten for the scaled inputs. Returns the
     updated statistics."""
-    probe = window_slice(inputs[0], 0, 1)
-
-    def check() -> Tensor:
-        return run_block(block, [probe])[0].hidden
-
+    check = _probe_output(block, window_slice(inputs[0], 0, 1))
     refs = adapter.linears(block)
     for group in scale_groups(adapter.family, block):
         st = next((stats[n] for n in group.linears if n in stats), None)
