@@ -1,4 +1,4 @@
-"""The int8-activation kernel (``fused_q8``: AVX-512 VNNI, :func:`lowbit.kernels._ext.linear_q8`).
+"""The int8-activation kernel (``fused_q8``: AVX-512 VNNI or AVX2, :func:`lowbit.kernels._ext.linear_q8`).
 
 Its arithmetic is modelled exactly here: x quantized per 32 columns of the first ``P = in - in % 64``
 (scale absmax / 127, round half to even), integer products summed per 32-column block, each block
@@ -6,7 +6,8 @@ scaled by its x scale and its group's weight scale, minus ``s * z * sum(xhat)`` 
 dequantized x -- so the result is ``W @ xhat`` -- and the last ``in % 64`` columns in fp32.  The kernel must match that model to fp32 rounding
 (``1e-4 * max|y|``) and stay within ``2e-2 * max|y|`` of the exact fp32 product (what int8 activations
 cost; measured <= 1e-2 on these random layers).  Bit-identical run to run and on 1 or 2 threads.
-Skipped where the CPU has no AVX-512 VNNI or the extension cannot be built.  Nothing is timed.
+Every path the CPU runs is tested (AVX2 also on an AVX-512 VNNI CPU, forced by the isa argument).
+Skipped where the CPU has no AVX2 or the extension cannot be built.  Nothing is timed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from lowbit.formats import QuantSpec
 from lowbit.kernels import KERNELS, _ext
 from lowbit.modules import QuantLinear
 
-pytestmark = pytest.mark.skipif(not _ext.q8_available(), reason="no AVX-512 VNNI or no fused extension here")
+pytestmark = pytest.mark.skipif(not _ext.q8_available(), reason="no AVX2 or no fused extension here")
+# the int8 paths this CPU runs: AVX2 (vpmaddubsw), and AVX-512 VNNI where present
+Q8_ISAS = sorted({_ext.q8_isa(_ext.ISA_CODES[i]) for i in ("avx2", "avx512")} - {None}) if _ext.q8_available() else []
 
 # (out, in, group): ragged last group (576 at 128), per channel, in % 64 != 0 (tail in fp32), in < 64,
 # in % 128 == 64 (half 4-bit block), groups of 64 and 256, the head's shape class
@@ -49,9 +52,11 @@ def threads():
     torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("isa", Q8_ISAS)
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
 @pytest.mark.parametrize(("out_f", "in_f", "group"), LAYOUTS)
-def test_q8_matches_its_model_and_fp32(threads, bits, out_f, in_f, group):
+def test_q8_matches_its_model_and_fp32(threads, isa, bits, out_f, in_f, group):
+    code = _ext.ISA_CODES[isa]
     g = torch.Generator().manual_seed(out_f + in_f + bits)
     for symmetric in (False, True):
         fmt = random_format(out_f, in_f, QuantSpec(bits, group, symmetric), seed=bits + symmetric)
@@ -61,16 +66,16 @@ def test_q8_matches_its_model_and_fp32(threads, bits, out_f, in_f, group):
             x = torch.randn(m, in_f, generator=g) + (0.5 if m % 2 else 0.0)
             x[0, : min(32, in_f)] = 0.0                                      # an all-zero block: scale 0
             torch.set_num_threads(1)
-            y = _ext.linear_q8(x, plan)
-            what = f"{fmt.spec} {out_f}x{in_f} rows={m}"
+            y = _ext.linear_q8(x, plan, isa=code)
+            what = f"{isa} {fmt.spec} {out_f}x{in_f} rows={m}"
             ref = q8_model(x, fmt)
             scale = ref.abs().max().item() + 1e-6
             assert (y.double() - ref).abs().max().item() <= 1e-4 * scale, what + ": differs from the q8 model"
             exact = x.double() @ w64.T
             assert (y.double() - exact).abs().max().item() <= 2e-2 * scale, what + ": too far from fp32"
-            assert torch.equal(y, _ext.linear_q8(x, plan)), what + ": not bit-identical"
+            assert torch.equal(y, _ext.linear_q8(x, plan, isa=code)), what + ": not bit-identical"
             torch.set_num_threads(2)
-            assert torch.equal(y, _ext.linear_q8(x, plan)), what + ": 1 and 2 threads differ"
+            assert torch.equal(y, _ext.linear_q8(x, plan, isa=code)), what + ": 1 and 2 threads differ"
 
 
 def test_q8_kernel_offered_only_for_its_formats(monkeypatch):

@@ -46,7 +46,8 @@ log = logging.getLogger("lowbit.kernels")
 
 NAME = "lowbit_fused"
 CSRC = Path(__file__).resolve().with_name("csrc")
-SOURCES = ("fused_ops.cpp", "fused_layer.cpp", "fused_scalar.cpp", "fused_avx2.cpp", "fused_avx512.cpp", "fused_vnni.cpp")
+SOURCES = ("fused_ops.cpp", "fused_layer.cpp", "fused_scalar.cpp", "fused_avx2.cpp", "fused_avx512.cpp", "fused_vnni.cpp",
+           "fused_q8_avx2.cpp")
 HEADERS = ("fused_common.h",)
 ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 ISA_NAMES = {1: "scalar", 2: "avx2", 3: "avx512"}
@@ -196,7 +197,7 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], codes.shape[0]))
 
     @torch.library.register_fake("lowbit::grouped_linear_q8")
-    def _linear_q8_fake(x, codes, scale, zero, bits, group_size, in_features):
+    def _linear_q8_fake(x, codes, scale, zero, bits, group_size, in_features, isa=0):
         torch._check(x.dim() == 2 and codes.dim() == 2, lambda: "lowbit::grouped_linear_q8: x and codes must be 2-D")
         return x.new_empty((x.shape[0], codes.shape[0]))
 
@@ -278,15 +279,18 @@ def requested_isa() -> int:
 
 def fused_info() -> dict:
     """Which fused CPU path runs here: ``isa`` ('avx512', 'avx2', 'scalar'; None when unavailable),
-    the CPU's best (``cpu_isa``), all paths this CPU can run (``isas``), and why it is unavailable."""
+    the CPU's best (``cpu_isa``), all paths this CPU can run (``isas``), the int8-activation kernel's path
+    (``q8_isa``: 'avx512' with VNNI, 'avx2', None), and why it is unavailable."""
     ok = available()
-    info = {"available": ok, "isa": None, "cpu_isa": None, "isas": [], "requested": os.environ.get("LOWBIT_ISA") or "auto",
+    info = {"available": ok, "isa": None, "cpu_isa": None, "isas": [], "q8_isa": None,
+            "requested": os.environ.get("LOWBIT_ISA") or "auto",
             "feature_level": feature_level(), "build_dir": _state["build_dir"], "reason": _state["reason"]}
     if ok:
         best = int(torch.ops.lowbit.fused_cpu_isa(0))
         info["cpu_isa"] = ISA_NAMES[best]
         info["isas"] = [ISA_NAMES[i] for i in sorted(ISA_NAMES) if i <= best]
         info["isa"] = ISA_NAMES[int(torch.ops.lowbit.fused_cpu_isa(requested_isa()))]
+        info["q8_isa"] = q8_isa()
     return info
 
 
@@ -355,7 +359,8 @@ def linear(x: Tensor, plan: FusedPlan, mode: int = 0, isa: int | None = None) ->
 
 
 def q8_available() -> bool:
-    """Whether the int8-activation kernel (:func:`linear_q8`) runs here: the extension and AVX-512 VNNI."""
+    """Whether the int8-activation kernel (:func:`linear_q8`) runs here: the extension and AVX2 (AVX-512 VNNI
+    dot products where the CPU has them, else AVX2's vpmaddubsw)."""
     return available() and bool(torch.ops.lowbit.fused_q8_available())
 
 
@@ -365,11 +370,21 @@ def q8_supports(fmt) -> bool:
     return g == -1 or g >= fmt.shape[1] or g % 64 == 0
 
 
-def linear_q8(x: Tensor, plan: FusedPlan) -> Tensor:
-    """``x @ W.T`` with x quantized per call to int8 per 32 columns (AVX-512 VNNI); ``plan`` from
-    ``prepare(fmt, layout=1)``.  Within about 1e-2 of the fp32 result, relative to its norm."""
+def q8_isa(isa: int | None = None) -> str | None:
+    """The int8-activation kernel's path for ``isa`` (default ``LOWBIT_ISA``): ``avx512`` (VNNI), ``avx2`` or
+    None where it cannot run."""
+    if not available():
+        return None
+    code = int(torch.ops.lowbit.fused_q8_isa(requested_isa() if isa is None else isa))
+    return None if code == ISA_CODES["scalar"] else ISA_NAMES[code]
+
+
+def linear_q8(x: Tensor, plan: FusedPlan, isa: int | None = None) -> Tensor:
+    """``x @ W.T`` with x quantized per call to int8 per 32 columns (AVX-512 VNNI, or AVX2 without it; ``isa``
+    as in :func:`linear`); ``plan`` from ``prepare(fmt, layout=1)``.  Within about 1e-2 of the fp32 result,
+    relative to its norm."""
     try:
         return torch.ops.lowbit.grouped_linear_q8(x, plan.codes, plan.scale, plan.zero, plan.bits, plan.group_size,
-                                                  plan.in_features)
+                                                  plan.in_features, requested_isa() if isa is None else isa)
     except ValueError as e:
         raise _shape_error(e) from None

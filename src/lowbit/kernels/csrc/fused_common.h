@@ -42,7 +42,7 @@ struct Args {
   int64_t ldy;
 };
 
-// The int8-activation (q8) GEMV's extra inputs (fused_vnni.cpp): x quantized per 32 columns of the first P.
+// The int8-activation (q8) GEMV's extra inputs (fused_vnni.cpp, fused_q8_avx2.cpp): x quantized per 32 columns of the first P.
 struct Q8Args {
   Args a;                  // a.x is only read for the columns from P on (exact tail)
   const int8_t* xq;        // (m, P) int8
@@ -249,6 +249,8 @@ bool gemv_avx512(const Args& a, int64_t o0, int64_t o1);
 bool dequant_avx512(const Args& a, int64_t o0, int64_t o1, float* w);
 bool gemv_q8_vnni(const Q8Args& q, int64_t o0, int64_t o1);
 void quantize_x_vnni(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum);
+bool gemv_q8_avx2(const Q8Args& q, int64_t o0, int64_t o1);
+void quantize_x_avx2(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum);
 bool gemm_avx2(const float* xp, int64_t m, int64_t K, const float* w, int64_t n, float* y, int64_t ldy);
 bool gemm_avx512(const float* xp, int64_t m, int64_t K, const float* w, int64_t n, float* y, int64_t ldy);
 

@@ -64,6 +64,16 @@ int resolve_isa(int64_t requested) {
   return (int)std::min<int64_t>(requested, best);
 }
 
+// The int8-activation kernel's ISA for a requested one: ISA_AVX512 (VNNI dot products) where the CPU has
+// VNNI and the request allows AVX-512, ISA_AVX2 (vpmaddubsw) where it has AVX2, else ISA_SCALAR (none).
+int q8_isa(int64_t requested) {
+  const int use = resolve_isa(requested);
+  if (use >= ISA_AVX512 && cpu_has_vnni()) return ISA_AVX512;
+  return use >= ISA_AVX2 ? (int)ISA_AVX2 : (int)ISA_SCALAR;
+}
+
+int64_t fused_q8_isa(int64_t requested) { return q8_isa(requested); }
+
 std::string shape_str(const at::Tensor& t) {
   std::ostringstream s;
   s << t.scalar_type() << " (";
@@ -308,12 +318,15 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& codes, const at
   return y;
 }
 
-// x @ W.T with x quantized to int8 per 32 columns (fused_vnni.cpp); codes in repack layout 1.  Rows of x
+// x @ W.T with x quantized to int8 per 32 columns (fused_vnni.cpp with VNNI, else fused_q8_avx2.cpp); codes in repack layout 1.  Rows of x
 // are taken 8 at a time; groups must be per channel or a multiple of 64 columns.
 at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                              const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size,
-                             int64_t in_features) {
-  TORCH_CHECK(cpu_has_vnni(), "lowbit fused kernel: the int8-activation kernel needs AVX-512 VNNI, which this CPU lacks");
+                             int64_t in_features, int64_t isa) {
+  const int q8isa = q8_isa(isa);
+  TORCH_CHECK(q8isa != ISA_SCALAR, "lowbit fused kernel: the int8-activation kernel needs AVX2 (or AVX-512 VNNI), "
+              "which this CPU lacks");
+  const bool vnni = q8isa == ISA_AVX512;
   Layer L = make_layer(codes, scale, zero, bits, group_size, in_features);
   Args& a = L.a;
   TORCH_CHECK_VALUE(a.G == 1 || a.gw % 64 == 0, "lowbit fused kernel: the int8-activation kernel needs per-channel "
@@ -333,7 +346,7 @@ at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const
   float* xs = sxv + m * nch * 16;
   float* bsum = xs + m * a.G;
   for (int64_t r = 0; r < m; ++r) {
-    quantize_x_vnni(xd + r * in_features, P, xq + r * P, sxv + r * nch * 16, bsum);
+    (vnni ? quantize_x_vnni : quantize_x_avx2)(xd + r * in_features, P, xq + r * P, sxv + r * nch * 16, bsum);
     // the zero point's term uses the sum of the quantized x, so the result is exactly W @ dequant(xq): its
     // error scales with q - z, not with q
     for (int64_t g = 0; g < a.G; ++g) {
@@ -353,12 +366,17 @@ at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const
     q.xq = xq + r0 * P;
     q.sxv = sxv + r0 * nch * 16;
     q.xs = xs + r0 * a.G;
-    at::parallel_for(0, a.out, grain, [&](int64_t o0, int64_t o1) { gemv_q8_vnni(q, o0, o1); });
+    at::parallel_for(0, a.out, grain, [&](int64_t o0, int64_t o1) {
+      if (vnni)
+        gemv_q8_vnni(q, o0, o1);
+      else
+        gemv_q8_avx2(q, o0, o1);
+    });
   }
   return y;
 }
 
-bool fused_q8_available() { return cpu_has_vnni(); }
+bool fused_q8_available() { return q8_isa(ISA_AUTO) != ISA_SCALAR; }
 
 int64_t fused_cpu_isa(int64_t requested) { return resolve_isa(requested); }
 
@@ -379,7 +397,7 @@ int64_t fused_parallel_threads(int64_t n) {
 at::Tensor layer_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                         const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size, int64_t in_features,
                         bool q8) {
-  if (q8) return grouped_linear_q8(x, codes, scale, zero, bits, group_size, in_features);
+  if (q8) return grouped_linear_q8(x, codes, scale, zero, bits, group_size, in_features, ISA_AUTO);
   return grouped_linear(x, codes, scale, zero, bits, group_size, in_features, ISA_AUTO, 1);
 }
 
@@ -389,8 +407,9 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def("grouped_repack(Tensor codes, int bits, int in_features, int layout=0) -> Tensor");
   m.def(
       "grouped_linear_q8(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int bits, int group_size, "
-      "int in_features) -> Tensor");
+      "int in_features, int isa=0) -> Tensor");
   m.def("fused_q8_available() -> bool", &lowbit_fused::fused_q8_available);
+  m.def("fused_q8_isa(int requested=0) -> int", &lowbit_fused::fused_q8_isa);
   m.def(
       "grouped_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int bits, int group_size, "
       "int in_features, int isa=0, int mode=0) -> Tensor");

@@ -1,0 +1,218 @@
+// AVX2 path of the int8-activation ("q8") GEMV: torch.ops.lowbit.grouped_linear_q8 on a CPU without
+// AVX-512 VNNI.  Same inputs and result as fused_vnni.cpp (x quantized per call, per 32 columns, to int8
+// with one fp32 scale; the same repack layout 1; the zero point entering once per group through the sum
+// of the quantized x), so both paths compute W @ dequant(xq) up to fp32 summation order.
+//
+// A 32-column half of a 64-column chunk is decoded to 32 unsigned bytes in column order and multiplied
+// with x's 32 int8 values by vpmaddubsw (u8 x s8 -> pairs summed in int16) and vpmaddwd with ones (-> 8
+// int32 lanes of 4 products each): exact while a pair sum fits int16, |pair| <= 2 * 15 * 127 for 2-4
+// bits.  8-bit codes would not fit (2 * 255 * 127), so they are recentred to q - 128 as int8 and
+// multiplied as |q - 128| x sign(x, q - 128) (|pair| <= 2 * 128 * 127), the zero point shifted by 128
+// to match.  On an AVX2 CPU this replaces the fp32-activation kernel's shift/convert/FMA per 8 columns
+// with about five integer ops per 32 columns: the decode GEMVs there are compute-bound, not memory-bound.
+//
+// Per group the int32 lanes are converted and accumulated with x's block scale (fp32), then scaled by the
+// group's weight scale; columns past the last multiple of 64 are computed exactly in fp32 (scalar_dot).
+#include "fused_common.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+
+namespace lowbit_fused {
+namespace {
+
+#define LB_INLINE inline __attribute__((always_inline))
+
+LB_INLINE __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// The 32 codes of half h (columns 32h .. 32h+31) of chunk k (columns 64k .. 64k+63) of a row, as bytes in
+// column order: unsigned for 2-4 bits, q - 128 as int8 for 8 bits.  Layout 1 (fused_vnni.cpp's header).
+template <int BITS>
+LB_INLINE __m256i half_codes(const uint8_t* row, int64_t k, int h, int64_t full4) {
+  if (BITS == 8) return _mm256_xor_si256(load32(row + k * 64 + h * 32), _mm256_set1_epi8((char)0x80));
+  const __m256i lo4 = _mm256_set1_epi8(0x0f);
+  if (BITS == 4) {
+    // a full 128-column block: byte b holds column b (low nibble) and 64 + b (high); the last half block:
+    // byte b holds column b (low) and 32 + b (high)
+    const bool high = k < full4 ? (k & 1) : h;
+    const __m256i v = k < full4 ? load32(row + (k >> 1) * 64 + h * 32) : load32(row + full4 * 32);
+    return high ? _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4) : _mm256_and_si256(v, lo4);
+  }
+  // 2 bits: byte l of the chunk's 16 holds column 16j + l in bits 2j..2j+1; columns 32h + (0..15) are
+  // j = 2h, 32h + (16..31) are j = 2h + 1
+  const uint8_t* blk = row + k * (BITS == 2 ? 16 : 24);
+  const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+  const int s0 = 4 * h;
+  const __m256i sh = _mm256_setr_epi32(s0, s0, s0, s0, s0 + 2, s0 + 2, s0 + 2, s0 + 2);
+  __m256i q = _mm256_and_si256(_mm256_srlv_epi32(b, sh), _mm256_set1_epi8(3));
+  if (BITS == 3) {                                     // bit 2 of column c: bit c of the 64-bit mask
+    uint32_t m;
+    memcpy(&m, blk + 16 + 4 * h, 4);
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32((int)m), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                    2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    q = _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(4)));
+  }
+  return q;
+}
+
+LB_INLINE float hsum(__m256 s) {
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  t = _mm_add_ss(t, _mm_movehdup_ps(t));
+  return _mm_cvtss_f32(t);
+}
+
+// 8 int32 lanes, each the sum of 4 products of codes w and int8 x (BITS == 8: w is q - 128, signed)
+template <int BITS>
+LB_INLINE __m256i dot32(__m256i w, __m256i wabs, __m256i x) {
+  const __m256i p = BITS == 8 ? _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w)) : _mm256_maddubs_epi16(w, x);
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+// R output rows at a time (sharing each half chunk of x), M rows of x.
+template <int BITS, int M, int R>
+void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
+  const Args& a = q.a;
+  const int64_t nch = a.P >> 6;
+  const int64_t cpg = a.G == 1 ? (nch > 0 ? nch : 1) : a.gw >> 6;
+  const int64_t full4 = (a.P & ~int64_t(127)) >> 6;
+  const float zsym = (float)(1 << (a.bits - 1)), zoff = BITS == 8 ? 128.f : 0.f;
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) {
+    const uint8_t* row[R];
+    __m256 tot[R][M];
+    float zt[R][M];
+    for (int i = 0; i < R; ++i) {
+      row[i] = a.codes + (o + i) * a.row_bytes;
+      for (int r = 0; r < M; ++r) {
+        tot[i][r] = _mm256_setzero_ps();
+        zt[i][r] = 0.f;
+      }
+    }
+    int64_t k = 0;
+    for (int64_t g = 0; k < nch; ++g) {
+      const int64_t ke = k + cpg < nch ? k + cpg : nch;
+      __m256 acc[R][M];
+      float s[R];
+      for (int i = 0; i < R; ++i) {
+        s[i] = _cvtsh_ss(a.scale[(o + i) * a.G + g]);
+        const float z = a.zero ? _cvtsh_ss(a.zero[(o + i) * a.G + g]) : zsym;
+        for (int r = 0; r < M; ++r) {
+          zt[i][r] += s[i] * (z - zoff) * q.xs[r * a.G + g];
+          acc[i][r] = _mm256_setzero_ps();
+        }
+      }
+      for (; k < ke; ++k) {
+        for (int h = 0; h < 2; ++h) {
+          __m256i w[R], wabs[R];
+          for (int i = 0; i < R; ++i) {
+            w[i] = half_codes<BITS>(row[i], k, h, full4);
+            if (BITS == 8) wabs[i] = _mm256_abs_epi8(w[i]);
+          }
+          for (int r = 0; r < M; ++r) {
+            const __m256i xk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.xq + r * a.P + k * 64 + h * 32));
+            const __m256 sx = _mm256_loadu_ps(q.sxv + (r * nch + k) * 16 + h * 8);
+            for (int i = 0; i < R; ++i)
+              acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32<BITS>(w[i], wabs[i], xk)), sx, acc[i][r]);
+          }
+        }
+      }
+      for (int i = 0; i < R; ++i) {
+        const __m256 sv = _mm256_set1_ps(s[i]);
+        for (int r = 0; r < M; ++r) tot[i][r] = _mm256_fmadd_ps(acc[i][r], sv, tot[i][r]);
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      float out[M];
+      for (int r = 0; r < M; ++r) out[r] = hsum(tot[i][r]) - zt[i][r];
+      if (a.P < a.in) scalar_dot(a, o + i, a.P, a.in, M, out);
+      for (int r = 0; r < M; ++r) a.y[r * a.ldy + o + i] = out[r];
+    }
+  }
+  if (R > 1 && o < o1) q8_rows<BITS, M, 1>(q, o, o1);
+}
+
+template <int BITS>
+void q8_m(const Q8Args& q, int64_t o0, int64_t o1) {
+  switch (q.a.m) {
+    case 1: q8_rows<BITS, 1, 4>(q, o0, o1); break;
+    case 2: q8_rows<BITS, 2, 2>(q, o0, o1); break;
+    case 3: q8_rows<BITS, 3, 1>(q, o0, o1); break;
+    case 4: q8_rows<BITS, 4, 1>(q, o0, o1); break;
+    case 5: q8_rows<BITS, 5, 1>(q, o0, o1); break;
+    case 6: q8_rows<BITS, 6, 1>(q, o0, o1); break;
+    case 7: q8_rows<BITS, 7, 1>(q, o0, o1); break;
+    default: q8_rows<BITS, 8, 1>(q, o0, o1); break;
+  }
+}
+
+}  // namespace
+
+// As quantize_x_vnni: a row of x (first P columns, P % 64 == 0) -> int8 codes, each chunk's 16 per-lane
+// scales (lanes 0-7 block 2k, 8-15 block 2k + 1), each 32-column block's dequantized sum.  Scale absmax /
+// 127; round half to even (MXCSR default).
+void quantize_x_avx2(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum) {
+  const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < P / 32; ++b) {
+    __m256 v[4];
+    __m256 mx = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(x + 32 * b + 8 * j);
+      mx = _mm256_max_ps(mx, _mm256_and_ps(v[j], nosign));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float sx = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m256 iv = _mm256_set1_ps(inv);
+    __m256i qi[4];
+    __m256i sum = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      qi[j] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[j], iv)), lo), hi);
+      sum = _mm256_add_epi32(sum, qi[j]);
+    }
+    const __m256i packed = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3])), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + 32 * b), packed);
+    _mm256_storeu_ps(sxv + (b >> 1) * 16 + (b & 1) * 8, _mm256_set1_ps(sx));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    bsum[b] = sx * (float)_mm_cvtsi128_si32(s4);
+  }
+}
+
+bool gemv_q8_avx2(const Q8Args& q, int64_t o0, int64_t o1) {
+  LOWBIT_BY_BITS(q.a.bits, q8_m, q, o0, o1)
+  return true;
+}
+
+}  // namespace lowbit_fused
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#else  // not x86-64
+
+namespace lowbit_fused {
+bool gemv_q8_avx2(const Q8Args&, int64_t, int64_t) { return false; }
+void quantize_x_avx2(const float*, int64_t, int8_t*, float*, float*) {}
+}  // namespace lowbit_fused
+
+#endif
