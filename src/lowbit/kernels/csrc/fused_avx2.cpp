@@ -184,7 +184,9 @@ void gemv_rows(const Args& a, int64_t o0, int64_t o1) {
   const float zsym = (float)(1 << (BITS - 1));
   Dec<BITS> dec;
   dec.vfull = (a.P & ~int64_t(127)) >> 4;
+  prefetch_rows(a.codes, a.row_bytes, o0, o0 + kPrefetchRows, o1);      // a call starts cold
   for (int64_t o = o0; o < o1; ++o) {
+    prefetch_rows(a.codes, a.row_bytes, o + kPrefetchRows, o + kPrefetchRows + 1, o1);
     dec.row = a.codes + o * a.row_bytes;
     const uint16_t* srow = a.scale + o * a.G;
     const uint16_t* zrow = a.zero ? a.zero + o * a.G : nullptr;

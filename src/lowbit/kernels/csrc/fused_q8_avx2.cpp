@@ -29,9 +29,6 @@ namespace lowbit_fused {
 namespace {
 
 #define LB_INLINE inline __attribute__((always_inline))
-#ifndef LB_PREFETCH_ROWS
-#define LB_PREFETCH_ROWS 32
-#endif
 
 LB_INLINE __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
@@ -91,24 +88,9 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
   const int64_t full4 = (a.P & ~int64_t(127)) >> 6;
   const float zsym = (float)(1 << (a.bits - 1)), zoff = BITS == 8 ? 128.f : 0.f;
   int64_t o = o0;
-  const int64_t ahead = LB_PREFETCH_ROWS;
-  if (ahead > 0) {                                     // the first rows too: a call starts cold
-    const int64_t e = o0 + ahead < o1 ? o0 + ahead : o1;
-    for (const char* b = reinterpret_cast<const char*>(a.codes + o0 * a.row_bytes);
-         b < reinterpret_cast<const char*>(a.codes + e * a.row_bytes); b += 64)
-      _mm_prefetch(b, _MM_HINT_T0);
-  }
+  prefetch_rows(a.codes, a.row_bytes, o0, o0 + kPrefetchRows, o1);      // a call starts cold
   for (; o + R <= o1; o += R) {
-    // software prefetch of the rows `ahead` on: a decode GEMV streams its weights from memory once, and a
-    // few hundred KB per call is too short a stream for the hardware prefetcher to reach full speed
-    if (ahead > 0) {
-      const int64_t p0 = o + ahead, p1 = p0 + R < o1 ? p0 + R : o1;
-      if (p0 < p1) {
-        const char* b = reinterpret_cast<const char*>(a.codes + p0 * a.row_bytes);
-        const char* e = reinterpret_cast<const char*>(a.codes + p1 * a.row_bytes);
-        for (; b < e; b += 64) _mm_prefetch(b, _MM_HINT_T0);
-      }
-    }
+    prefetch_rows(a.codes, a.row_bytes, o + kPrefetchRows, o + kPrefetchRows + R, o1);
     const uint8_t* row[R];
     __m256 tot[R][M];
     float zt[R][M];
