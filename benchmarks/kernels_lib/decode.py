@@ -36,6 +36,7 @@ HEAD_SUFFIX = "-head8"
 EAGER_SUFFIX = "-eager"
 FLOOR_SUFFIX = "-floor"
 Q8ACT_SUFFIX = "-q8act"
+F32ACT_SUFFIX = "-f32act"
 UNFUSED_SUFFIX = "-unfused"
 LINEARS_SUFFIX = "-linears"
 
@@ -53,6 +54,7 @@ class Variant:
     eager: bool = False                  # LOWBIT_COMPILE=0: the eager decode path instead of the compiled one
     floor: bool = False                  # every linear layer (and the head) a free stub: the framework's own cost
     q8act: bool = False                  # LOWBIT_INT8_ACT=1: the int8-activation kernel (fused_q8) in the choice
+    f32act: bool = False                 # LOWBIT_INT8_ACT=0: never (the default leaves it in on AVX2-only CPUs)
     linears: bool = False                # only the decode step's linear calls, compiled: the kernels' share of a step
     unfused: bool = False                # LOWBIT_FUSE_LAYERS=0: decoder layers as transformers runs them, op by op
 
@@ -61,12 +63,14 @@ class Variant:
         base = "fp32" if self.preset is None else self.preset + (HEAD_SUFFIX if self.head else "")
         return (base + (UNFUSED_SUFFIX if self.unfused else "")
                 + (EAGER_SUFFIX if self.eager and self.preset is not None else "")
-                + (Q8ACT_SUFFIX if self.q8act else "") + (FLOOR_SUFFIX if self.floor else "")
+                + (Q8ACT_SUFFIX if self.q8act else "") + (F32ACT_SUFFIX if self.f32act else "")
+                + (FLOOR_SUFFIX if self.floor else "")
                 + (LINEARS_SUFFIX if self.linears else ""))
 
     @property
     def checkpoint_name(self) -> str:
-        return dataclasses.replace(self, eager=False, floor=False, q8act=False, linears=False, unfused=False).name
+        return dataclasses.replace(self, eager=False, floor=False, q8act=False, f32act=False, linears=False,
+                                   unfused=False).name
 
     @property
     def config(self) -> str:
@@ -87,7 +91,8 @@ class Variant:
                    else ", compiled decode (what lowbit.load does when layers do not fuse)" if self.unfused
                    else ", lowbit.load default: fused decoder layers, not compiled")
                 + (", layers unfused (LOWBIT_FUSE_LAYERS=0)" if self.unfused else "")
-                + (", int8 activations allowed (LOWBIT_INT8_ACT=1)" if self.q8act else ""))
+                + (", int8 activations allowed (LOWBIT_INT8_ACT=1)" if self.q8act else "")
+                + (", fp32 activations only (LOWBIT_INT8_ACT=0)" if self.f32act else ""))
 
     def recipe(self) -> Recipe:
         """The recipe of this row; ``NotAvailable`` where this lowbit cannot express it."""
@@ -124,6 +129,7 @@ def variants() -> list[Variant]:
     return ([Variant(None)] + [Variant(p, head) for p in DECODE_PRESETS for head in (False, True)]
             + [Variant("w4g128", True, unfused=True), Variant("w4g128", True, unfused=True, eager=True)]
             + [Variant(p, True, q8act=True) for p in ("w8", "w4g128", "w3g128", "w2g64")]
+            + [Variant(p, True, f32act=True) for p in ("w8", "w4g128", "w3g128", "w2g64")]
             + [Variant(None, floor=True), Variant("w4g128", True, floor=True),
                Variant("w4g128", True, unfused=True, floor=True), Variant("w4g128", True, unfused=True, eager=True, floor=True)]
             + [Variant("w4g128", True, linears=True), Variant("w4g128", True, q8act=True, linears=True)])
@@ -233,6 +239,8 @@ def measure(variant: Variant, settings: Settings, work: Path, script: Path) -> d
         os.environ["LOWBIT_COMPILE"] = "0"
     if variant.q8act:
         os.environ["LOWBIT_INT8_ACT"] = "1"
+    if variant.f32act:
+        os.environ["LOWBIT_INT8_ACT"] = "0"
     if variant.unfused:
         os.environ["LOWBIT_FUSE_LAYERS"] = "0"
     loaded = lowbit.load_model(source)

@@ -15,11 +15,11 @@ fused       grouped_int 2/3/4/8-bit, any group size       lowbit's C++ extension
                                                           chosen at run time); more rows dequantize a
                                                           small tile at a time into a register-blocked
                                                           FMA microkernel
-fused_q8    grouped_int 2/3/4/8-bit, per channel or       the same extension with AVX-512 VNNI: x
-            groups of a multiple of 64; at most 8 rows    quantized per call to int8 per 32 columns,
-                                                          integer dot products of 64 columns per
-                                                          instruction (decode only; within 2e-2 of
-                                                          fp32; opt-in: ``LOWBIT_INT8_ACT=1``)
+fused_q8    grouped_int 2/3/4/8-bit, per channel or       the same extension: x quantized per call
+            groups of a multiple of 64; at most 8 rows    to int8 per 32 columns, integer dot
+                                                          products (AVX-512 VNNI, else AVX2
+                                                          vpmaddubsw); decode only, within 2e-2 of
+                                                          fp32; see :func:`int8_activations`
 ==========  ============================================  ===========================================
 
 ``fused`` compiles on first use into lowbit's cache (see :mod:`lowbit.kernels._ext`); where that is
@@ -182,12 +182,11 @@ class Fused(Kernel, register=False):
 
 
 class FusedQ8(Fused, register=False):
-    """The fused GEMV with x quantized per call to int8 per 32 columns, multiplied with AVX-512 VNNI dot products
-    (as llama.cpp's Q8_0 activations); see ``csrc/fused_vnni.cpp``.  Opt-in (``LOWBIT_INT8_ACT=1``): then offered
-    for decode (at most 8 rows of x, so prefill, perplexity and calibration never run it) where the CPU has VNNI,
-    for groups of a multiple of 64 columns or per channel.  Its products are within 2e-2 (relative to the
-    output's largest value) of fp32.  Not the default: it costs about 1 % perplexity on the decode path and
-    measured no clear end-to-end decode gain on SmolLM2 (the kernel alone is 1.3-2x faster per call)."""
+    """The fused GEMV with x quantized per call to int8 per 32 columns (as llama.cpp's Q8_0 activations), multiplied
+    with integer dot products: AVX-512 VNNI (``csrc/fused_vnni.cpp``) or AVX2 (``csrc/fused_q8_avx2.cpp``).
+    Offered for decode only (at most 8 rows of x, so prefill, perplexity and calibration never run it), for groups
+    of a multiple of 64 columns or per channel, where :func:`int8_activations` allows it. Its products are within
+    2e-2 (relative to the output's largest value) of fp32; on the decode path it costs about 1 % perplexity."""
 
     name = "fused_q8"
     max_rows = 8
@@ -197,15 +196,29 @@ class FusedQ8(Fused, register=False):
         return super().supports(fmt) and _ext.q8_supports(fmt)
 
     def available(self):
-        if os.environ.get("LOWBIT_INT8_ACT", "0").strip().lower() not in ("1", "true", "yes", "on"):
-            return False
-        return _ext.q8_available()
+        return int8_activations()
 
     def prepare(self, fmt):
         return _ext.prepare(fmt, layout=1) if _ext.q8_available() else None
 
     def _compute(self, x, state):
         return _ext.linear_q8(x, state)
+
+
+def int8_activations() -> bool:
+    """Whether decode may run the int8-activation kernel (``fused_q8``, chosen per shape when faster).
+    ``LOWBIT_INT8_ACT=1``: wherever it runs; ``0``: never; unset (``auto``): where its path is AVX2, i.e. the CPU
+    has AVX2 but no AVX-512 VNNI. There the fp32-activation GEMV is compute-bound (shift, convert and FMA per
+    8 columns) and the int8 one does 32 columns in about five integer ops: measured on an AVX2 EPYC, 2 threads,
+    1.4-2x faster per call cache-cold and w4g128-head8 decode about 130 against 110 tokens/s. With VNNI the
+    fp32 kernel already streams near the memory's speed and int8 activations measured no clear end-to-end gain,
+    so there they stay opt-in."""
+    value = os.environ.get("LOWBIT_INT8_ACT", "auto").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if not _ext.q8_available():
+        return False
+    return value in ("1", "true", "yes", "on") or _ext.q8_isa() == "avx2"
 
 
 # LOWBIT_NO_EXT=1 leaves the kernels out entirely (LOWBIT_KERNEL=fused then means reference)
