@@ -170,7 +170,7 @@ def _fused_model_forward(self, *args, **kwargs):
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         position_ids = layers[0].cumulative_length.view(1, 1).clone()
-    cos, sin = self.rotary_emb(x, position_ids=position_ids)
+    cos, sin = _rope(self, x, position_ids, layers[0].keys.shape[2])
     op = torch.ops.lowbit.decode_layer
     for f, layer in zip(self._lowbit_fused_model, layers):
         x = op(x, f.tensors, f.meta, f.fmeta, layer.keys, layer.values, layer.cumulative_length, cos, sin,
@@ -198,8 +198,36 @@ def _model_step_layers(base, input_ids, attention_mask, past_key_values, inputs_
         return None
     if torch.is_grad_enabled() and any(p.requires_grad for p in base.norm.parameters()):
         return None
+    memo = base.__dict__.get("_lowbit_step_memo")          # (cache, its layers, their key tensors) of the last step
+    if (memo is not None and memo[0] is past_key_values
+            and all(past_key_values.layers[f.layer_idx] is layer and layer.keys is keys
+                    for f, layer, keys in zip(fused, memo[1], memo[2]))):
+        return memo[1]                                       # the same initialized layers: checked once per cache
     layers = [_static_layer(past_key_values, f.layer_idx) for f in fused]
-    return None if any(layer is None for layer in layers) else layers
+    if any(layer is None for layer in layers):
+        return None
+    base.__dict__["_lowbit_step_memo"] = (past_key_values, layers, [layer.keys for layer in layers])
+    return layers
+
+
+def _rope(base, x: Tensor, position_ids: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """The rotary embedding's cos and sin at one position: rows of a table the model's own ``rotary_emb`` computes
+    once per cache length (elementwise, so the same values as a call per step), for rotary types whose frequencies
+    do not change with the length (not ``dynamic`` or ``longrope``); anything else, and a compiled step (which
+    would break its graph at the position's read), calls the module."""
+    rope = base.rotary_emb
+    kind = str(getattr(rope, "rope_type", "default"))
+    if "dynamic" in kind or kind == "longrope" or position_ids.shape != (1, 1) or torch.compiler.is_compiling():
+        return rope(x, position_ids=position_ids)
+    p = int(position_ids)
+    if not 0 <= p < length:
+        return rope(x, position_ids=position_ids)
+    key = (rope.inv_freq.data_ptr(), rope.inv_freq.device, x.dtype, length)
+    memo = base.__dict__.get("_lowbit_rope")
+    if memo is None or memo[0] != key:
+        memo = (key, *rope(x, position_ids=torch.arange(length, device=x.device).view(1, -1)))
+        base.__dict__["_lowbit_rope"] = memo
+    return memo[1][:, p:p + 1], memo[2][:, p:p + 1]
 
 
 def _two_d_mask(*, attention_mask=None, **_unused):
