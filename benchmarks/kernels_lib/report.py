@@ -212,7 +212,7 @@ def _gemv_check(results: list[dict], bw: float | None, threads: int) -> Check:
     q8 = {(r["in"], r["out"]): r["weight_bytes"] / r["us"] / 1e3 / bw for r in results
           if r["format"] == "w4g128" and r.get("stream") and r["threads"] == threads and r["kernel"] == "fused_q8"}
     if all(s in q8 for s in GEMV_SHAPES):
-        figure += "; with int8 activations (fused_q8, opt-in): " + ", ".join(
+        figure += "; with int8 activations (fused_q8; the default on AVX2-only CPUs, opt-in with VNNI): " + ", ".join(
             f"{100 * q8[s]:.0f} %" for s in GEMV_SHAPES)
     return Check(target, figure, all(v >= GEMV_SHARE for v in shares.values()))
 
