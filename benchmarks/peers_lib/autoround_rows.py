@@ -55,7 +55,7 @@ def run(ctx: Context, bits: int, group: int, iters: int) -> RowOutput:
     model, tok, layers = loaded.model, loaded.tokenizer, ctx.layers
     windows = ctx.calibration()
     batch = 8
-    from lowbit.calibrate import native_bf16
+    from lowbit.cpu import native_bf16
     amp = native_bf16()            # auto-round's own default on CPU is bf16 autocast; fp32 where bf16 is emulated
     data = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in windows.split(batch)]
     with Timer() as t:

@@ -216,9 +216,8 @@ def int8_activations() -> bool:
     value = os.environ.get("LOWBIT_INT8_ACT", "auto").strip().lower()
     if value in ("0", "false", "no", "off"):
         return False
-    if not _ext.q8_available():
-        return False
-    return value in ("1", "true", "yes", "on") or _ext.q8_isa() == "avx2"
+    path = _ext.q8_isa()                         # the path the calls will take (LOWBIT_ISA included); None: none
+    return path is not None and (value in ("1", "true", "yes", "on") or path == "avx2")
 
 
 # LOWBIT_NO_EXT=1 leaves the kernels out entirely (LOWBIT_KERNEL=fused then means reference)
