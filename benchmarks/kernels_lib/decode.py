@@ -35,7 +35,6 @@ DECODE_PRESETS = ("w8", "w4g128", "w3g128", "w2g64")
 HEAD_SUFFIX = "-head8"
 EAGER_SUFFIX = "-eager"
 FLOOR_SUFFIX = "-floor"
-Q8ACT_SUFFIX = "-q8act"
 F32ACT_SUFFIX = "-f32act"
 UNFUSED_SUFFIX = "-unfused"
 LINEARS_SUFFIX = "-linears"
@@ -53,8 +52,7 @@ class Variant:
     head: bool = False
     eager: bool = False                  # LOWBIT_COMPILE=0: the eager decode path instead of the compiled one
     floor: bool = False                  # every linear layer (and the head) a free stub: the framework's own cost
-    q8act: bool = False                  # LOWBIT_INT8_ACT=1: the int8-activation kernel (fused_q8) in the choice
-    f32act: bool = False                 # LOWBIT_INT8_ACT=0: never (the default leaves it in on AVX2-only CPUs)
+    f32act: bool = False                 # LOWBIT_INT8_ACT=0: never (the default leaves it in wherever it runs)
     linears: bool = False                # only the decode step's linear calls, compiled: the kernels' share of a step
     unfused: bool = False                # LOWBIT_FUSE_LAYERS=0: decoder layers as transformers runs them, op by op
 
@@ -63,13 +61,13 @@ class Variant:
         base = "fp32" if self.preset is None else self.preset + (HEAD_SUFFIX if self.head else "")
         return (base + (UNFUSED_SUFFIX if self.unfused else "")
                 + (EAGER_SUFFIX if self.eager and self.preset is not None else "")
-                + (Q8ACT_SUFFIX if self.q8act else "") + (F32ACT_SUFFIX if self.f32act else "")
+                + (F32ACT_SUFFIX if self.f32act else "")
                 + (FLOOR_SUFFIX if self.floor else "")
                 + (LINEARS_SUFFIX if self.linears else ""))
 
     @property
     def checkpoint_name(self) -> str:
-        return dataclasses.replace(self, eager=False, floor=False, q8act=False, f32act=False, linears=False,
+        return dataclasses.replace(self, eager=False, floor=False, f32act=False, linears=False,
                                    unfused=False).name
 
     @property
@@ -91,7 +89,6 @@ class Variant:
                    else ", compiled decode (what lowbit.load does when layers do not fuse)" if self.unfused
                    else ", lowbit.load default: fused decoder layers, not compiled")
                 + (", layers unfused (LOWBIT_FUSE_LAYERS=0)" if self.unfused else "")
-                + (", int8 activations allowed (LOWBIT_INT8_ACT=1)" if self.q8act else "")
                 + (", fp32 activations only (LOWBIT_INT8_ACT=0)" if self.f32act else ""))
 
     def recipe(self) -> Recipe:
@@ -128,11 +125,10 @@ def prompt_tokens() -> int:
 def variants() -> list[Variant]:
     return ([Variant(None)] + [Variant(p, head) for p in DECODE_PRESETS for head in (False, True)]
             + [Variant("w4g128", True, unfused=True), Variant("w4g128", True, unfused=True, eager=True)]
-            + [Variant(p, True, q8act=True) for p in ("w8", "w4g128", "w3g128", "w2g64")]
             + [Variant(p, True, f32act=True) for p in ("w8", "w4g128", "w3g128", "w2g64")]
             + [Variant(None, floor=True), Variant("w4g128", True, floor=True),
                Variant("w4g128", True, unfused=True, floor=True), Variant("w4g128", True, unfused=True, eager=True, floor=True)]
-            + [Variant("w4g128", True, linears=True), Variant("w4g128", True, q8act=True, linears=True)])
+            + [Variant("w4g128", True, linears=True), Variant("w4g128", True, f32act=True, linears=True)])
 
 
 class _Free(nn.Module):
@@ -237,8 +233,6 @@ def measure(variant: Variant, settings: Settings, work: Path, script: Path) -> d
     torch.set_num_threads(settings.threads)
     if variant.eager:
         os.environ["LOWBIT_COMPILE"] = "0"
-    if variant.q8act:
-        os.environ["LOWBIT_INT8_ACT"] = "1"
     if variant.f32act:
         os.environ["LOWBIT_INT8_ACT"] = "0"
     if variant.unfused:

@@ -101,8 +101,8 @@ def bench(cases: dict[str, Callable], rounds: int, budget_s: float,
 
 
 def candidates(fmt: GroupedInt) -> list[kernels.Kernel]:
-    """The kernels ``choose`` considers for ``fmt``, plus the opt-in int8-activation kernel (``fused_q8``,
-    ``LOWBIT_INT8_ACT=1``) where this CPU runs it, so the table shows its speed too."""
+    """The kernels ``choose`` considers for ``fmt``, plus the int8-activation kernel (``fused_q8``) where this CPU
+    runs it even when ``LOWBIT_INT8_ACT=0`` leaves it out of the choice, so the table shows its speed too."""
     from lowbit.kernels import _ext
 
     return [k for k in kernels.KERNELS.values() if k.supports(fmt)
