@@ -62,9 +62,9 @@ LB_INLINE __m512i chunk_codes(const uint8_t* row, int64_t k, int64_t full4) {
   return q;
 }
 
-// R output rows at a time (sharing each chunk of x), M rows of x.  The group's weight scale is folded into the
-// per-lane x scales when the group starts, so each chunk costs one vpdpbusd, one conversion, one multiply and
-// one FMA per (output row, x row); the zero point's term is a scalar sum per group.
+// R output rows at a time (sharing each chunk of x), M rows of x.  Each chunk costs one vpdpbusd, one conversion
+// and one FMA (by x's per-lane scales) per (output row, x row) into the group's sum, which the group's weight
+// scale multiplies once at its end; the zero point's term is a scalar sum per group.
 template <int BITS, int M, int R>
 void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
   const Args& a = q.a;
@@ -81,41 +81,96 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
   for (; o + R <= o1; o += R) {
     if (R > 1) prefetch_rows(a.codes, a.row_bytes, o + kPrefetchRows, o + kPrefetchRows + R, o1);
     const uint8_t* row[R];
-    __m512 acc[R][M];
-    float zt[R][M];
+    __m512 acc[R][M], zacc[R][M];   // zacc lane j: the zero point's term s z sum(x) of group j of each 16
     for (int i = 0; i < R; ++i) {
       row[i] = a.codes + (o + i) * a.row_bytes;
-      for (int r = 0; r < M; ++r) {
-        acc[i][r] = _mm512_setzero_ps();
-        zt[i][r] = 0.f;
-      }
+      for (int r = 0; r < M; ++r) acc[i][r] = zacc[i][r] = _mm512_setzero_ps();
     }
     int64_t k = 0;
-    for (int64_t g = 0; k < nch; ++g) {
-      const int64_t ke = k + cpg < nch ? k + cpg : nch;
-      __m512 sv[R];
+    for (int64_t g0 = 0; k < nch; g0 += 16) {
+      // the scales and zero points of up to 16 groups, converted 16 at a time (lanes past the row's groups: 0)
+      const int64_t ng = a.G - g0 < 16 ? a.G - g0 : 16;
+      const __mmask16 gm = (__mmask16)((1u << ng) - 1);
+      __m512 svec[R];
       for (int i = 0; i < R; ++i) {
-        const float s = _cvtsh_ss(a.scale[(o + i) * a.G + g]);
-        const float z = a.zero ? _cvtsh_ss(a.zero[(o + i) * a.G + g]) : zsym;
-        sv[i] = _mm512_set1_ps(s);
-        for (int r = 0; r < M; ++r) zt[i][r] += s * z * q.xs[r * a.G + g];
+        svec[i] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, a.scale + (o + i) * a.G + g0));
+        const __m512 zv = a.zero ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, a.zero + (o + i) * a.G + g0))
+                                 : _mm512_set1_ps(zsym);
+        const __m512 sz = _mm512_mul_ps(svec[i], zv);
+        for (int r = 0; r < M; ++r)
+          zacc[i][r] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(gm, q.xs + r * a.G + g0), zacc[i][r]);
       }
-      for (; k < ke; ++k) {
-        __m512i w[R];
-        for (int i = 0; i < R; ++i) w[i] = chunk_codes<BITS>(row[i], k, full4);
-        for (int r = 0; r < M; ++r) {
-          const __m512i xk = _mm512_loadu_si512(q.xq + r * a.P + k * 64);
-          const __m512 sx = _mm512_loadu_ps(q.sxv + (r * nch + k) * 16);
-          for (int i = 0; i < R; ++i) {
-            const __m512i d = _mm512_dpbusd_epi32(zero, w[i], xk);
-            acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sx, sv[i]), acc[i][r]);
+      for (int64_t g = 0; g < ng && k < nch; ++g) {
+        const int64_t ke = k + cpg < nch ? k + cpg : nch;
+        const __m512i gi = _mm512_set1_epi32((int)g);
+        if (ke - k <= 2) {   // groups of 64 or 128 columns: the weight scale joins x's scales chunk by chunk
+          __m512 sv[R];
+          for (int i = 0; i < R; ++i) sv[i] = _mm512_permutexvar_ps(gi, svec[i]);
+          auto dstep = [&](int64_t kk, const __m512i* w) __attribute__((always_inline)) {
+            for (int r = 0; r < M; ++r) {
+              const __m512i xk = _mm512_loadu_si512(q.xq + r * a.P + kk * 64);
+              const __m512 sx = _mm512_loadu_ps(q.sxv + (r * nch + kk) * 16);
+              for (int i = 0; i < R; ++i)
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, w[i], xk)),
+                                            _mm512_mul_ps(sx, sv[i]), acc[i][r]);
+            }
+          };
+          if (BITS == 4 && ke - k == 2 && k < full4 && !(k & 1)) {   // both chunks of a block from one load
+            __m512i lo[R], hi[R];
+            for (int i = 0; i < R; ++i) {
+              const __m512i v = _mm512_loadu_si512(row[i] + (k >> 1) * 64);
+              lo[i] = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
+              hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0f));
+            }
+            dstep(k, lo);
+            dstep(k + 1, hi);
+            k += 2;
           }
+          for (; k < ke; ++k) {
+            __m512i w[R];
+            for (int i = 0; i < R; ++i) w[i] = chunk_codes<BITS>(row[i], k, full4);
+            dstep(k, w);
+          }
+          continue;
+        }
+        // longer groups (per channel included): the group's sum in x's scales only, times its weight scale once
+        __m512 gacc[R][M];
+        for (int i = 0; i < R; ++i)
+          for (int r = 0; r < M; ++r) gacc[i][r] = _mm512_setzero_ps();
+        auto step = [&](int64_t kk, const __m512i* w) __attribute__((always_inline)) {
+          for (int r = 0; r < M; ++r) {
+            const __m512i xk = _mm512_loadu_si512(q.xq + r * a.P + kk * 64);
+            const __m512 sx = _mm512_loadu_ps(q.sxv + (r * nch + kk) * 16);
+            for (int i = 0; i < R; ++i)
+              gacc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, w[i], xk)), sx, gacc[i][r]);
+          }
+        };
+        if (BITS == 4) {   // both chunks of a whole 128-column block from one load
+          for (; k + 2 <= ke && k < full4 && !(k & 1); k += 2) {
+            __m512i lo[R], hi[R];
+            for (int i = 0; i < R; ++i) {
+              const __m512i v = _mm512_loadu_si512(row[i] + (k >> 1) * 64);
+              lo[i] = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
+              hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0f));
+            }
+            step(k, lo);
+            step(k + 1, hi);
+          }
+        }
+        for (; k < ke; ++k) {
+          __m512i w[R];
+          for (int i = 0; i < R; ++i) w[i] = chunk_codes<BITS>(row[i], k, full4);
+          step(k, w);
+        }
+        for (int i = 0; i < R; ++i) {
+          const __m512 sv = _mm512_permutexvar_ps(gi, svec[i]);
+          for (int r = 0; r < M; ++r) acc[i][r] = _mm512_fmadd_ps(gacc[i][r], sv, acc[i][r]);
         }
       }
     }
     for (int i = 0; i < R; ++i) {
       float out[M];
-      for (int r = 0; r < M; ++r) out[r] = _mm512_reduce_add_ps(acc[i][r]) - zt[i][r];
+      for (int r = 0; r < M; ++r) out[r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[i][r], zacc[i][r]));
       if (a.P < a.in) scalar_dot(a, o + i, a.P, a.in, M, out);
       for (int r = 0; r < M; ++r) a.y[r * a.ldy + o + i] = out[r];
     }
