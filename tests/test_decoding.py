@@ -55,8 +55,9 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, monkeypatch):
     assert fused.fused_count(unfused) == 0 and unfused.generation_config.compile_config is not None
     want = eager.generate(ids2[:1], max_new_tokens=12, min_new_tokens=12, do_sample=False)
     calls = []
-    real = torch.ops.lowbit.decode_layer
-    monkeypatch.setattr(torch.ops.lowbit, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    one, every = torch.ops.lowbit.decode_layer, torch.ops.lowbit.decode_layers
+    monkeypatch.setattr(torch.ops.lowbit, "decode_layer", lambda *a: calls.append(1) or one(*a))
+    monkeypatch.setattr(torch.ops.lowbit, "decode_layers", lambda *a: calls.append(1) or every(*a))
     assert torch.equal(unfused.generate(ids2[:1], max_new_tokens=12, min_new_tokens=12, do_sample=False), want)
     assert not calls
 

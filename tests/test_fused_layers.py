@@ -51,9 +51,11 @@ def _generate(model, ids, new=10, **kw):
 
 
 def _spy(monkeypatch) -> list:
-    """Count ``decode_layer`` calls (the real op still runs)."""
-    real, calls = torch.ops.lowbit.decode_layer, []
-    monkeypatch.setattr(torch.ops.lowbit, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    """Count fused layer steps: one per ``decode_layer`` call, one per layer of a ``decode_layers`` call (the real
+    ops still run)."""
+    one, every, calls = torch.ops.lowbit.decode_layer, torch.ops.lowbit.decode_layers, []
+    monkeypatch.setattr(torch.ops.lowbit, "decode_layer", lambda *a: calls.append(1) or one(*a))
+    monkeypatch.setattr(torch.ops.lowbit, "decode_layers", lambda *a: calls.extend([1] * len(a[4])) or every(*a))
     return calls
 
 
@@ -149,6 +151,33 @@ def test_decode_layer_rejects_a_full_cache(tmp_path):
         torch.ops.lowbit.decode_layer(x, f.tensors, f.meta, f.fmeta, keys, keys.clone(), length, cs, cs, None)
     with pytest.raises(ValueError, match="expected 18 tensors"):
         torch.ops.lowbit.decode_layer(x, f.tensors[:-1], f.meta, f.fmeta, keys, keys.clone(), length - 1, cs, cs, None)
+    # every layer in one call: the same checks, and the lists must hold whole layers
+    with pytest.raises(ValueError, match="outside the cache of 4 tokens"):
+        torch.ops.lowbit.decode_layers(x, f.tensors, f.meta, f.fmeta, [keys], [keys.clone()], [length], cs, cs, None)
+    with pytest.raises(ValueError, match="expected per layer 18 tensors"):
+        torch.ops.lowbit.decode_layers(x, f.tensors, f.meta, f.fmeta, [keys, keys], [keys, keys], [length, length],
+                                       cs, cs, None)
+
+
+def test_decode_layers_is_decode_layer_layer_after_layer(tmp_path):
+    path = _saved(tmp_path, "qwen3")
+    model = lowbit.load(path)
+    fs = [b._lowbit_fused for b in model.model.layers]
+    w, meta, fmeta = model.model._lowbit_fused_stack
+    g = torch.Generator().manual_seed(3)
+    x, cs, sn = torch.randn(1, 1, fs[0].hidden, generator=g), torch.randn(1, 1, fs[0].head_dim, generator=g), \
+        torch.randn(1, 1, fs[0].head_dim, generator=g)
+    caches = [(torch.randn(1, f.kv_heads, 6, f.head_dim, generator=g), torch.randn(1, f.kv_heads, 6, f.head_dim, generator=g),
+               torch.tensor(3)) for f in fs]
+    mask = torch.tensor([[1, 0, 1, 1]])                                   # generate()'s 2-D mask, int64, a gap
+    want, mine = x, [(k.clone(), v.clone(), n.clone()) for k, v, n in caches]
+    for f, (k, v, n) in zip(fs, mine):
+        want = torch.ops.lowbit.decode_layer(want, f.tensors, f.meta, f.fmeta, k, v, n, cs, sn, mask)
+    got = torch.ops.lowbit.decode_layers(x, w, meta, fmeta, [k for k, _, _ in caches], [v for _, v, _ in caches],
+                                         [n for _, _, n in caches], cs, sn, mask)
+    assert torch.equal(got, want)
+    for (k, v, n), (k2, v2, n2) in zip(caches, mine):
+        assert torch.equal(k, k2) and torch.equal(v, v2) and int(n) == int(n2) == 4
 
 
 @pytest.mark.skipif(not _ext.q8_available(), reason="no AVX-512 VNNI: no int8-activation kernel")

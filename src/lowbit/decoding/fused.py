@@ -171,10 +171,9 @@ def _fused_model_forward(self, *args, **kwargs):
     if position_ids is None:
         position_ids = layers[0].cumulative_length.view(1, 1).clone()
     cos, sin = _rope(self, x, position_ids, layers[0].keys.shape[2])
-    op = torch.ops.lowbit.decode_layer
-    for f, layer in zip(self._lowbit_fused_model, layers):
-        x = op(x, f.tensors, f.meta, f.fmeta, layer.keys, layer.values, layer.cumulative_length, cos, sin,
-               attention_mask)
+    w, meta, fmeta = self._lowbit_fused_stack
+    keys, values, lengths = self.__dict__["_lowbit_step_memo"][3]
+    x = torch.ops.lowbit.decode_layers(x, w, meta, fmeta, keys, values, lengths, cos, sin, attention_mask)
     return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{_OUT_CACHE: cache})
 
 
@@ -206,7 +205,10 @@ def _model_step_layers(base, input_ids, attention_mask, past_key_values, inputs_
     layers = [_static_layer(past_key_values, f.layer_idx) for f in fused]
     if any(layer is None for layer in layers):
         return None
-    base.__dict__["_lowbit_step_memo"] = (past_key_values, layers, [layer.keys for layer in layers])
+    # (cache, its layers, their key tensors, the cache tensors decode_layers takes)
+    base.__dict__["_lowbit_step_memo"] = (past_key_values, layers, [layer.keys for layer in layers],
+                                          ([la.keys for la in layers], [la.values for la in layers],
+                                           [la.cumulative_length for la in layers]))
     return layers
 
 
@@ -294,6 +296,11 @@ def fuse_layers(model: nn.Module) -> int:
     if base is not None:
         every = n > 0 and not left
         base._lowbit_fused_model = ([b._lowbit_fused for _, b in adapter.blocks(model)] if every else None)
+        # every layer's arguments in one list each, for one decode_layers call per step (fused_layer.cpp)
+        base._lowbit_fused_stack = (None if not every else
+                                    ([t for f in base._lowbit_fused_model for t in f.tensors],
+                                     [v for f in base._lowbit_fused_model for v in f.meta],
+                                     [v for f in base._lowbit_fused_model for v in f.fmeta]))
         if "forward" not in base.__dict__:
             base.forward = types.MethodType(_fused_model_forward, base)
     return n
@@ -340,7 +347,7 @@ def unfuse_layers(model: nn.Module) -> None:
     """Every layer back to its own forward. The forward wrapper stays, with ``_lowbit_fused = None``: a compiled
     decode step keeps a guard on that attribute (:func:`lowbit.decoding._keep_guard`) and recompiles."""
     for mod in model.modules():
-        for key in ("_lowbit_fused", "_lowbit_fused_model"):
+        for key in ("_lowbit_fused", "_lowbit_fused_model", "_lowbit_fused_stack"):
             if key in mod.__dict__:
                 setattr(mod, key, None)
         if "_lowbit_fused_head" in mod.__dict__:

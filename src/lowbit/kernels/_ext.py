@@ -205,6 +205,10 @@ def _register_fakes() -> None:
     def _decode_layer_fake(x, w, meta, fmeta, keys, values, length, cos, sin, mask):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("lowbit::decode_layers")
+    def _decode_layers_fake(x, w, meta, fmeta, keys, values, lengths, cos, sin, mask):
+        return torch.empty_like(x)
+
     @torch.library.register_fake("lowbit::linear_f32")
     def _linear_f32_fake(x, w, bias):
         return x.new_empty((*x.shape[:-1], w.shape[0]))
