@@ -78,7 +78,7 @@ class Variant:
                     "embedding or sampling); tok/s = 1 / (time of one such pass)")
         if self.floor and self.preset is not None and not self.unfused:
             return (f"floor: the {dataclasses.replace(self, floor=False).name} row with every fused decoder layer "
-                    "(decode_layer) and the head a free stub: what generate() and the model's own forward cost")
+                    "(decode_layer, decode_layers) and the head a free stub: what generate() and the model's own forward cost")
         if self.floor:
             return (f"floor: the {dataclasses.replace(self, floor=False).name} row with every linear layer and the head "
                     "a free stub (returns a stored row)")
@@ -157,15 +157,22 @@ def stub_linears(model: nn.Module) -> int:
 
 
 def stub_fused(model: nn.Module) -> int:
-    """The fused path's floor: ``decode_layer`` becomes free (returns its input, advances the cache length) and
-    the head a :class:`_Free`; returns how many decoder layers run fused."""
+    """The fused path's floor: ``decode_layer`` and ``decode_layers`` (every layer in one call) become free (return
+    their input, advance the cache lengths) and the head a :class:`_Free`; returns how many decoder layers run
+    fused."""
     from lowbit.decoding.fused import fused_count
 
     def free_layer(x, w, meta, fmeta, keys, values, length, cos, sin, mask):
         length.add_(1)
         return x
 
+    def free_layers(x, w, meta, fmeta, keys, values, lengths, cos, sin, mask):
+        for n in lengths:
+            n.add_(1)
+        return x
+
     torch.ops.lowbit.decode_layer = free_layer               # this row's process only
+    torch.ops.lowbit.decode_layers = free_layers
     head = model.get_output_embeddings()
     model.set_output_embeddings(_Free(head.out_features))
     return fused_count(model)
