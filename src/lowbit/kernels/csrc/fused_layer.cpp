@@ -37,6 +37,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace lowbit_fused {
 
 at::Tensor layer_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
@@ -45,17 +49,96 @@ at::Tensor layer_linear(const at::Tensor& x, const at::Tensor& codes, const at::
 
 namespace {
 
-// sum_i a[i] * b[i] in 16 independent partial sums, so that the compiler vectorizes it (a single running sum
-// is one dependent add per element: latency-bound, and attention makes thousands of these per token)
+#if defined(__AVX2__) && defined(__FMA__)
+// Horizontal sum of the 8 lanes, as a tree.
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp of 8 floats: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (Cephes' expf
+// coefficients), times 2^n built in the exponent field; about 1 ulp over [-87, 88], inputs clamped there
+// (below: a tiny positive value, as for the softmax and SiLU uses here, where it is negligible).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+// sum_i a[i] * b[i] in independent partial sums reduced as a tree (a single running sum, or a serial sum of the
+// partials, is a chain of dependent adds: latency-bound, and attention and the fp32 head make thousands of
+// these per token)
 float dot(const float* a, const float* b, int64_t n) {
-  float acc[16] = {0.f};
   int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  float t = hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+#else
+  float acc[16] = {0.f};
   for (; i + 16 <= n; i += 16)
     for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
-  float t = 0.f;
+  for (int w = 8; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  float t = acc[0];
+#endif
   for (; i < n; ++i) t += a[i] * b[i];
-  for (int j = 0; j < 16; ++j) t += acc[j];
   return t;
+}
+
+// y[i] = x[i] / (1 + exp(-x[i])) * u[i]: SiLU of the gate times the up projection
+void silu_mul(const float* x, const float* u, int64_t n, float* y) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 e = exp8(_mm256_sub_ps(zero, v));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_div_ps(v, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) y[i] = x[i] / (1.f + std::exp(-x[i])) * u[i];
+}
+
+// s[c] <- exp(s[c] - mx); returns their sum
+float exp_sum(float* s, int64_t n, float mx) {
+  int64_t c = 0;
+  float tot = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (; c + 8 <= n; c += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), m));
+    _mm256_storeu_ps(s + c, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  tot = hsum8(acc);
+#endif
+  for (; c < n; ++c) {
+    s[c] = std::exp(s[c] - mx);
+    tot += s[c];
+  }
+  return tot;
 }
 
 void rms_norm(const float* x, const float* w, int64_t n, double eps, float* y) {
@@ -235,11 +318,7 @@ at::Tensor layer_step(const at::Tensor& x, at::TensorList w, at::IntArrayRef met
         mx = std::max(mx, s[c]);
       }
       if (n == 0 || mx == -std::numeric_limits<float>::infinity()) continue;   // nothing to attend: zeros
-      float tot = 0.f;
-      for (int64_t c = 0; c < n; ++c) {
-        s[c] = std::exp(s[c] - mx);
-        tot += s[c];
-      }
+      const float tot = exp_sum(s.data(), n, mx);
       float* out = ad + i * hd;
       for (int64_t c = 0; c < n; ++c) {
         const float p = s[c] / tot;
@@ -261,10 +340,8 @@ at::Tensor layer_step(const at::Tensor& x, at::TensorList w, at::IntArrayRef met
   at::Tensor gu = run(gu_l, h);
   TORCH_CHECK_VALUE(gu.size(1) % 2 == 0, "lowbit decode_layer: gate/up give an odd ", gu.size(1), " values");
   const int64_t I = gu.size(1) / 2;
-  at::Tensor act = at::silu(gu.narrow(1, 0, I));                       // ATen's vectorized SiLU
-  float* a = act.data_ptr<float>();
-  const float* u = gu.data_ptr<float>() + I;
-  for (int64_t i = 0; i < I; ++i) a[i] *= u[i];
+  at::Tensor act = at::empty({1, I}, xc.options());
+  silu_mul(gu.data_ptr<float>(), gu.data_ptr<float>() + I, I, act.data_ptr<float>());
   at::Tensor d = run(down_l, act);
   TORCH_CHECK_VALUE(d.size(1) == H, "lowbit decode_layer: down_proj gives ", d.size(1), " values, expected ", H);
   const float* dd = d.data_ptr<float>();
