@@ -212,6 +212,22 @@ void attend_positions(const std::optional<at::Tensor>& mask, int64_t Lmax, int64
   }
 }
 
+// Prefetch (into L2) the cache rows of the positions before `pos` (at most 256 of them) for every kv head, at
+// the start of a layer: between one token's visits to a layer the GEMVs stream tens of MB through the caches,
+// so attention would otherwise wait on memory for every key and value row (measured on SmolLM2, 40 positions:
+// attention 5.8 -> 4.1 us a layer, the rows arriving during the q/k/v GEMV).
+void prefetch_cache(const at::Tensor& keys, const at::Tensor& values, int64_t nkv, int64_t Lmax, int64_t hd,
+                    int64_t pos) {
+  const char* K = reinterpret_cast<const char*>(keys.data_ptr<float>());
+  const char* V = reinterpret_cast<const char*>(values.data_ptr<float>());
+  const int64_t row = hd * (int64_t)sizeof(float), bytes = std::min<int64_t>(pos, 256) * row;
+  for (int64_t j = 0; j < nkv; ++j)
+    for (int64_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(K + j * Lmax * row + b, 0, 2);
+      __builtin_prefetch(V + j * Lmax * row + b, 0, 2);
+    }
+}
+
 struct Linear {
   const at::Tensor *codes, *scale;
   std::optional<at::Tensor> zero;
@@ -266,6 +282,7 @@ at::Tensor layer_step(const at::Tensor& x, at::TensorList w, at::IntArrayRef met
   const at::Tensor xc = x.reshape({1, H}).contiguous();
   const float* xd = xc.data_ptr<float>();
 
+  prefetch_cache(keys, values, nkv, Lmax, hd, pos);
   // attention block
   at::Tensor h = at::empty({1, H}, xc.options());
   rms_norm(xd, ln1, H, fmeta[0], h.data_ptr<float>());
