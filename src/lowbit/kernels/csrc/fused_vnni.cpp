@@ -19,6 +19,8 @@
 // kernel only for those).
 #include "fused_common.h"
 
+#include <type_traits>
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
@@ -103,69 +105,52 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
       for (int64_t g = 0; g < ng && k < nch; ++g) {
         const int64_t ke = k + cpg < nch ? k + cpg : nch;
         const __m512i gi = _mm512_set1_epi32((int)g);
-        if (ke - k <= 2) {   // groups of 64 or 128 columns: the weight scale joins x's scales chunk by chunk
-          __m512 sv[R];
-          for (int i = 0; i < R; ++i) sv[i] = _mm512_permutexvar_ps(gi, svec[i]);
-          auto dstep = [&](int64_t kk, const __m512i* w) __attribute__((always_inline)) {
-            for (int r = 0; r < M; ++r) {
-              const __m512i xk = _mm512_loadu_si512(q.xq + r * a.P + kk * 64);
-              const __m512 sx = _mm512_loadu_ps(q.sxv + (r * nch + kk) * 16);
-              for (int i = 0; i < R; ++i)
-                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, w[i], xk)),
-                                            _mm512_mul_ps(sx, sv[i]), acc[i][r]);
-            }
-          };
-          if (BITS == 4 && ke - k == 2 && k < full4 && !(k & 1)) {   // both chunks of a block from one load
-            __m512i lo[R], hi[R];
-            for (int i = 0; i < R; ++i) {
-              const __m512i v = _mm512_loadu_si512(row[i] + (k >> 1) * 64);
-              lo[i] = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
-              hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0f));
-            }
-            dstep(k, lo);
-            dstep(k + 1, hi);
-            k += 2;
-          }
-          for (; k < ke; ++k) {
-            __m512i w[R];
-            for (int i = 0; i < R; ++i) w[i] = chunk_codes<BITS>(row[i], k, full4);
-            dstep(k, w);
-          }
-          continue;
-        }
-        // longer groups (per channel included): the group's sum in x's scales only, times its weight scale once
-        __m512 gacc[R][M];
-        for (int i = 0; i < R; ++i)
-          for (int r = 0; r < M; ++r) gacc[i][r] = _mm512_setzero_ps();
-        auto step = [&](int64_t kk, const __m512i* w) __attribute__((always_inline)) {
+        __m512 sv[R], gacc[R][M];
+        for (int i = 0; i < R; ++i) sv[i] = _mm512_permutexvar_ps(gi, svec[i]);
+        // Groups of 64 or 128 columns (direct): the weight scale joins x's scales chunk by chunk, into acc.
+        // Longer groups (per channel included): the group's sum in x's scales only, times its weight scale once.
+        const bool direct = ke - k <= 2;
+        auto step = [&](auto direct_c, int64_t kk, const __m512i* w) __attribute__((always_inline)) {
           for (int r = 0; r < M; ++r) {
             const __m512i xk = _mm512_loadu_si512(q.xq + r * a.P + kk * 64);
             const __m512 sx = _mm512_loadu_ps(q.sxv + (r * nch + kk) * 16);
-            for (int i = 0; i < R; ++i)
-              gacc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, w[i], xk)), sx, gacc[i][r]);
+            for (int i = 0; i < R; ++i) {
+              const __m512 d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, w[i], xk));
+              if constexpr (decltype(direct_c)::value)
+                acc[i][r] = _mm512_fmadd_ps(d, _mm512_mul_ps(sx, sv[i]), acc[i][r]);
+              else
+                gacc[i][r] = _mm512_fmadd_ps(d, sx, gacc[i][r]);
+            }
           }
         };
-        if (BITS == 4) {   // both chunks of a whole 128-column block from one load
-          for (; k + 2 <= ke && k < full4 && !(k & 1); k += 2) {
-            __m512i lo[R], hi[R];
-            for (int i = 0; i < R; ++i) {
-              const __m512i v = _mm512_loadu_si512(row[i] + (k >> 1) * 64);
-              lo[i] = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
-              hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0f));
+        // the group's chunks [k, ke), both chunks of a whole 4-bit block from one load
+        auto chunks = [&](auto direct_c) __attribute__((always_inline)) {
+          if (BITS == 4)
+            for (; k + 2 <= ke && k < full4 && !(k & 1); k += 2) {
+              __m512i lo[R], hi[R];
+              for (int i = 0; i < R; ++i) {
+                const __m512i v = _mm512_loadu_si512(row[i] + (k >> 1) * 64);
+                lo[i] = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
+                hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0f));
+              }
+              step(direct_c, k, lo);
+              step(direct_c, k + 1, hi);
             }
-            step(k, lo);
-            step(k + 1, hi);
+          for (; k < ke; ++k) {
+            __m512i w[R];
+            for (int i = 0; i < R; ++i) w[i] = chunk_codes<BITS>(row[i], k, full4);
+            step(direct_c, k, w);
           }
+        };
+        if (direct) {
+          chunks(std::true_type());
+          continue;
         }
-        for (; k < ke; ++k) {
-          __m512i w[R];
-          for (int i = 0; i < R; ++i) w[i] = chunk_codes<BITS>(row[i], k, full4);
-          step(k, w);
-        }
-        for (int i = 0; i < R; ++i) {
-          const __m512 sv = _mm512_permutexvar_ps(gi, svec[i]);
-          for (int r = 0; r < M; ++r) acc[i][r] = _mm512_fmadd_ps(gacc[i][r], sv, acc[i][r]);
-        }
+        for (int i = 0; i < R; ++i)
+          for (int r = 0; r < M; ++r) gacc[i][r] = _mm512_setzero_ps();
+        chunks(std::false_type());
+        for (int i = 0; i < R; ++i)
+          for (int r = 0; r < M; ++r) acc[i][r] = _mm512_fmadd_ps(gacc[i][r], sv[i], acc[i][r]);
       }
     }
     for (int i = 0; i < R; ++i) {
