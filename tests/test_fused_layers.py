@@ -169,15 +169,25 @@ def test_decode_layers_is_decode_layer_layer_after_layer(tmp_path):
         torch.randn(1, 1, fs[0].head_dim, generator=g)
     caches = [(torch.randn(1, f.kv_heads, 6, f.head_dim, generator=g), torch.randn(1, f.kv_heads, 6, f.head_dim, generator=g),
                torch.tensor(3)) for f in fs]
-    mask = torch.tensor([[1, 0, 1, 1]])                                   # generate()'s 2-D mask, int64, a gap
-    want, mine = x, [(k.clone(), v.clone(), n.clone()) for k, v, n in caches]
-    for f, (k, v, n) in zip(fs, mine):
-        want = torch.ops.lowbit.decode_layer(want, f.tensors, f.meta, f.fmeta, k, v, n, cs, sn, mask)
-    got = torch.ops.lowbit.decode_layers(x, w, meta, fmeta, [k for k, _, _ in caches], [v for _, v, _ in caches],
-                                         [n for _, _, n in caches], cs, sn, mask)
-    assert torch.equal(got, want)
-    for (k, v, n), (k2, v2, n2) in zip(caches, mine):
-        assert torch.equal(k, k2) and torch.equal(v, v2) and int(n) == int(n2) == 4
+    additive = torch.zeros(1, 1, 1, 6)
+    additive[..., 1] = float("-inf")
+    additive[..., 2] = -3.0
+    # generate()'s 2-D mask (int64, with a gap), the same as bool, an additive float row over the cache, none
+    outs = []
+    for mask in (torch.tensor([[1, 0, 1, 1]]), torch.tensor([[True, False, True, True]]), additive, None):
+        fresh = [(k.clone(), v.clone(), n.clone()) for k, v, n in caches]
+        want, mine = x, [(k.clone(), v.clone(), n.clone()) for k, v, n in caches]
+        for f, (k, v, n) in zip(fs, mine):
+            want = torch.ops.lowbit.decode_layer(want, f.tensors, f.meta, f.fmeta, k, v, n, cs, sn, mask)
+        got = torch.ops.lowbit.decode_layers(x, w, meta, fmeta, [k for k, _, _ in fresh], [v for _, v, _ in fresh],
+                                             [n for _, _, n in fresh], cs, sn, mask)
+        assert torch.equal(got, want), mask
+        assert not torch.equal(got, x)
+        for (k, v, n), (k2, v2, n2) in zip(fresh, mine):
+            assert torch.equal(k, k2) and torch.equal(v, v2) and int(n) == int(n2) == 4
+        outs.append(got)
+    assert torch.equal(outs[0], outs[1])                                  # int64 and bool masks agree
+    assert not torch.equal(outs[0], outs[3]) and not torch.equal(outs[2], outs[3])   # and every mask is applied
 
 
 @pytest.mark.skipif(not _ext.q8_available(), reason="no AVX-512 VNNI: no int8-activation kernel")
