@@ -62,7 +62,8 @@ inline float hsum8(__m256 v) {
 // coefficients), times 2^n built in the exponent field; about 1 ulp over [-87, 88], inputs clamped there
 // (below: a tiny positive value, as for the softmax and SiLU uses here, where it is negligible).
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  // operand order: min/max return their second operand when either is NaN, so a NaN stays NaN (as std::exp's)
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
