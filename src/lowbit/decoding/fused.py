@@ -172,7 +172,7 @@ def _fused_model_forward(self, *args, **kwargs):
         position_ids = layers[0].cumulative_length.view(1, 1).clone()
     cos, sin = _rope(self, x, position_ids, layers[0].keys.shape[2])
     w, meta, fmeta = self._lowbit_fused_stack
-    keys, values, lengths = self.__dict__["_lowbit_step_memo"][3]
+    keys, values, lengths = self.__dict__["_lowbit_step_memo"][2]
     x = torch.ops.lowbit.decode_layers(x, w, meta, fmeta, keys, values, lengths, cos, sin, attention_mask)
     return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{_OUT_CACHE: cache})
 
@@ -197,16 +197,16 @@ def _model_step_layers(base, input_ids, attention_mask, past_key_values, inputs_
         return None
     if torch.is_grad_enabled() and any(p.requires_grad for p in base.norm.parameters()):
         return None
-    memo = base.__dict__.get("_lowbit_step_memo")          # (cache, its layers, their key tensors) of the last step
+    memo = base.__dict__.get("_lowbit_step_memo")          # the last step's (cache, layers, cache tensors)
     if (memo is not None and memo[0] is past_key_values
             and all(past_key_values.layers[f.layer_idx] is layer and layer.keys is keys
-                    for f, layer, keys in zip(fused, memo[1], memo[2]))):
+                    for f, layer, keys in zip(fused, memo[1], memo[2][0]))):
         return memo[1]                                       # the same initialized layers: checked once per cache
     layers = [_static_layer(past_key_values, f.layer_idx) for f in fused]
     if any(layer is None for layer in layers):
         return None
-    # (cache, its layers, their key tensors, the cache tensors decode_layers takes)
-    base.__dict__["_lowbit_step_memo"] = (past_key_values, layers, [layer.keys for layer in layers],
+    # (cache, its layers, their keys, values and lengths: what decode_layers takes)
+    base.__dict__["_lowbit_step_memo"] = (past_key_values, layers,
                                           ([la.keys for la in layers], [la.values for la in layers],
                                            [la.cumulative_length for la in layers]))
     return layers
