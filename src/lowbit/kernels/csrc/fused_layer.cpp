@@ -317,8 +317,7 @@ at::Tensor layer_step(const at::Tensor& x, at::TensorList w, at::IntArrayRef met
   if (A.Lmax != Lmax || A.pos != pos) attend_positions(mask, Lmax, pos, A);
   const std::vector<int64_t>& live = A.live;
   const float* bias = A.bias.empty() ? nullptr : A.bias.data();
-  at::Tensor att = at::empty({1, nq}, xc.options());
-  std::fill_n(att.data_ptr<float>(), nq, 0.f);
+  at::Tensor att = at::zeros({1, nq}, xc.options());
   float* ad = att.data_ptr<float>();
   const float scaling = (float)fmeta[2];
   const int64_t group = nh / nkv, n = (int64_t)live.size();

@@ -65,8 +65,10 @@ LB_INLINE __m512i chunk_codes(const uint8_t* row, int64_t k, int64_t full4) {
 }
 
 // R output rows at a time (sharing each chunk of x), M rows of x.  Each chunk costs one vpdpbusd, one conversion
-// and one FMA (by x's per-lane scales) per (output row, x row) into the group's sum, which the group's weight
-// scale multiplies once at its end; the zero point's term is a scalar sum per group.
+// and one FMA per (output row, x row): by x's per-lane scales times the group's weight scale for groups of 64 or
+// 128 columns, by x's scales alone into a group sum that the weight scale multiplies once for longer groups.  The
+// scales and zero points of 16 groups are converted at a time, and the zero point's term is a vector of 16
+// groups' terms subtracted before the final reduction.
 template <int BITS, int M, int R>
 void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
   const Args& a = q.a;
