@@ -12,7 +12,9 @@
 //
 // Layout (fused_common.h) as the fp32 kernels, except 4 bits (repack layout 1): a 128-column block of
 // 64 bytes holds column b in the low nibble of byte b and column 64 + b in its high nibble; a last half
-// block of 64 columns (in % 128 >= 64) 32 bytes, column b low, 32 + b high.  2 bits: 16 bytes per 64
+// block of 64 columns (in % 128 >= 64) 32 bytes, column b low, 32 + b high.  The high nibbles of a whole block are
+// masked in place (16 q: one instruction instead of a shift and a mask) and that chunk's x scales divided by 16,
+// which leaves every product exactly as it was.  2 bits: 16 bytes per 64
 // columns, bits 2j..2j+1 of byte l = column 16j + l, so broadcasting the 16 bytes to the four 128-bit
 // lanes and shifting lane j by 2j yields the columns in order; 3 bits add bit 2 from the 64-bit mask with
 // one masked byte add.  Groups: per channel, or a multiple of 64 columns (the Python side offers this
@@ -44,7 +46,8 @@ LB_INLINE __m512i chunk_codes(const uint8_t* row, int64_t k, int64_t full4) {
   if (BITS == 4) {
     if (k < full4) {
       const __m512i v = _mm512_loadu_si512(row + (k >> 1) * 64);
-      return (k & 1) ? _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4) : _mm512_and_si512(v, lo4);
+      // a high nibble is left in place (16 q, exact in the int32 sums): q8_rows scales that chunk's x by 1/16
+      return _mm512_and_si512(v, (k & 1) ? _mm512_set1_epi8((char)0xf0) : lo4);
     }
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + full4 * 32));
     const __m256i m = _mm256_set1_epi8(0x0f);
@@ -62,6 +65,18 @@ LB_INLINE __m512i chunk_codes(const uint8_t* row, int64_t k, int64_t full4) {
     q = _mm512_mask_add_epi8(q, (__mmask64)m, q, _mm512_set1_epi8(4));
   }
   return q;
+}
+
+// The sums of the 16 lanes of a, b, c and d, in that order (one transposed reduction: 12 instructions where four
+// _mm512_reduce_add_ps take about 32).
+LB_INLINE __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // each 128 bits: a b a b
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));       // each 128 bits: a b c d
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 // R output rows at a time (sharing each chunk of x), M rows of x.  Each chunk costs one vpdpbusd, one conversion
@@ -115,7 +130,9 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
         auto step = [&](auto direct_c, int64_t kk, const __m512i* w) __attribute__((always_inline)) {
           for (int r = 0; r < M; ++r) {
             const __m512i xk = _mm512_loadu_si512(q.xq + r * a.P + kk * 64);
-            const __m512 sx = _mm512_loadu_ps(q.sxv + (r * nch + kk) * 16);
+            __m512 sx = _mm512_loadu_ps(q.sxv + (r * nch + kk) * 16);
+            // the high nibbles of a whole 4-bit block are 16 q: x's scale / 16 (exact) gives the same products
+            if (BITS == 4 && (kk & 1) && kk < full4) sx = _mm512_mul_ps(sx, _mm512_set1_ps(0.0625f));
             for (int i = 0; i < R; ++i) {
               const __m512 d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, w[i], xk));
               if constexpr (decltype(direct_c)::value)
@@ -133,7 +150,7 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
               for (int i = 0; i < R; ++i) {
                 const __m512i v = _mm512_loadu_si512(row[i] + (k >> 1) * 64);
                 lo[i] = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
-                hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0f));
+                hi[i] = _mm512_and_si512(v, _mm512_set1_epi8((char)0xf0));   // 16 q, as in chunk_codes
               }
               step(direct_c, k, lo);
               step(direct_c, k + 1, hi);
@@ -155,11 +172,21 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
           for (int r = 0; r < M; ++r) acc[i][r] = _mm512_fmadd_ps(gacc[i][r], sv[i], acc[i][r]);
       }
     }
-    for (int i = 0; i < R; ++i) {
-      float out[M];
-      for (int r = 0; r < M; ++r) out[r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[i][r], zacc[i][r]));
-      if (a.P < a.in) scalar_dot(a, o + i, a.P, a.in, M, out);
-      for (int r = 0; r < M; ++r) a.y[r * a.ldy + o + i] = out[r];
+    if constexpr (R == 4 && M == 1) {           // the four rows' sums in one transposed reduction
+      float out[4];
+      _mm_storeu_ps(out, reduce4(_mm512_sub_ps(acc[0][0], zacc[0][0]), _mm512_sub_ps(acc[1][0], zacc[1][0]),
+                                 _mm512_sub_ps(acc[2][0], zacc[2][0]), _mm512_sub_ps(acc[3][0], zacc[3][0])));
+      for (int i = 0; i < 4; ++i) {
+        if (a.P < a.in) scalar_dot(a, o + i, a.P, a.in, 1, out + i);
+        a.y[o + i] = out[i];
+      }
+    } else {
+      for (int i = 0; i < R; ++i) {
+        float out[M];
+        for (int r = 0; r < M; ++r) out[r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[i][r], zacc[i][r]));
+        if (a.P < a.in) scalar_dot(a, o + i, a.P, a.in, M, out);
+        for (int r = 0; r < M; ++r) a.y[r * a.ldy + o + i] = out[r];
+      }
     }
   }
   if (R > 1 && o < o1) q8_rows<BITS, M, 1>(q, o, o1);
