@@ -50,18 +50,20 @@ struct Q8Args {
   const float* xs;         // (m, G): sum of the dequantized x over each group's columns below P
 };
 
-// Software prefetch of the code rows [r0, r1) (clamped to r_end) into L1.  A decode GEMV streams its
+// Software prefetch of the code rows [r0, r1) (clamped to r_end) into L1 or L2.  A decode GEMV streams its
 // weights from memory once per token, a few hundred KB per call: too short a stream for the hardware
-// prefetcher to reach speed.  The AVX2 GEMVs (and the VNNI one at 2-4 bits) prefetch kPrefetchRows rows ahead of the row they compute,
+// prefetcher to reach speed.  The AVX2 GEMVs (and the VNNI one, into L2) prefetch kPrefetchRows rows ahead of the row they compute,
 // and each thread's first rows when it starts (measured cache-cold on an AVX2 EPYC, 2 threads: the 28 MB
 // int8 head 2.2 ms -> 0.8 ms per call with int8 activations).
+// HINT: __builtin_prefetch's locality, 3 = into L1 (prefetcht0), 2 = into L2 (prefetcht1); see fused_vnni.cpp.
 constexpr int64_t kPrefetchRows = 32;
+template <int HINT = 3>
 static inline void prefetch_rows(const uint8_t* codes, int64_t row_bytes, int64_t r0, int64_t r1, int64_t r_end) {
   if (r1 > r_end) r1 = r_end;
   if (r0 >= r1) return;
   const char* e = reinterpret_cast<const char*>(codes + r1 * row_bytes);
   for (const char* b = reinterpret_cast<const char*>(codes + r0 * row_bytes); b < e; b += 64)
-    __builtin_prefetch(b, 0, 3);
+    __builtin_prefetch(b, 0, HINT);
 }
 
 static inline int64_t block_bytes(int bits) { return 8 * bits; }   // per 64 columns
