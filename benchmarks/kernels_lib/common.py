@@ -66,7 +66,7 @@ class Row:
     """
 
     name: str
-    group: str                               # "bandwidth" | "kernel" | "decode" | "llamacpp"
+    group: str                               # "bandwidth" | "kernel" | "decode" | "llamacpp" | "pair"
     config: str
     run: Callable[[Settings, Path], dict]
     unavailable: Callable[[], str | None] = lambda: None

@@ -108,6 +108,24 @@ def _llamacpp_note(records: dict) -> str:
             "from that F32 file, llama.cpp's default tensor types).")
 
 
+def _pair_section(records: dict) -> list[str]:
+    pairs = [r for r in records.values() if r["group"] == "pair"]
+    if not pairs:
+        return []
+    out = ["", "## Head to head", "",
+           ("One process per pair: rounds of one timing of each side (lowbit: one `generate()` as the decode rows "
+            "time it, one repeat; llama.cpp: `llama-bench -r 1` as its rows), the order swapped every round, so "
+            "both sides of a round are measured seconds apart. The median ratio judges the target."), "",
+           "| pair | rounds: tok/s of a / b (ratio) | median ratio a / b |", "| --- | --- | ---: |"]
+    for r in pairs:
+        if not _ok(r) or "a" not in r:
+            out.append(f"| {r['name']} | {_cell(status_note(r) or 'an older record: run it again')} | {MISSING} |")
+            continue
+        cells = "; ".join(f"{x['a']:.1f} / {x['b']:.1f} ({q:.2f})" for x, q in zip(r["rounds"], r["ratios"]))
+        out.append(f"| {r['name']} | {cells} | {r['ratio_median']:.2f}× |")
+    return out
+
+
 # -- kernels -------------------------------------------------------------------------------------
 def kernel_results(records: dict) -> list[dict]:
     """Every timed (shape, threads, format, m, kernel), flattened, with its row's status."""
@@ -169,22 +187,44 @@ def targets(records: dict, settings: Settings) -> list[Check]:
         a, b = tps(name), tps(other)
         if a is None or b is None:
             return Check(f"{_short(name)} decode ≥ {label}", why(name if a is None else other), None)
-        return Check(f"{_short(name)} decode ≥ {label}", f"{a:.1f} vs {b:.1f} tok/s" + dagger(name, other), a >= b)
+        return Check(f"{_short(name)} decode ≥ {label}, separate rows", f"{a:.1f} vs {b:.1f} tok/s" + dagger(name, other),
+                     a >= b)
 
     def faster(name: str, than: str) -> Check:
         a, b = tps(name), tps(than)
         if a is None or b is None:
             return Check(f"{_short(name)} decode faster than {_short(than)}", why(name if a is None else than), None)
         figure = f"{a:.1f} vs {b:.1f} tok/s" + dagger(name, than)
-        return Check(f"{_short(name)} decode faster than {_short(than)}", figure, a > b)
+        return Check(f"{_short(name)} decode faster than {_short(than)}, separate rows", figure, a > b)
+
+    def paired(a: str, b: str, label: str, strict: bool) -> Check:
+        """The pair row of a against b (names without "decode-"): met when the median ratio a / b is above 1
+        (strict) or at least 1."""
+        pair = records.get(f"pair-{a}-vs-{b.removeprefix('llamacpp-')}")
+        label += ", head to head"
+        if not _ok(pair) or "a" not in pair:
+            why = status_note(pair) if pair and not _ok(pair) else "an older record: run it again" if pair else "not run"
+            return Check(label, f"pair row: {why}", None)
+        figure = (f"median {pair['ratio_median']:.2f}× over {len(pair['ratios'])} alternating rounds (range "
+                  f"{pair['ratio_min']:.2f}-{pair['ratio_max']:.2f}×; {pair['a_tokens_per_s']:.1f} vs "
+                  f"{pair['b_tokens_per_s']:.1f} tok/s)")
+        return Check(label, figure, pair["ratio_median"] > 1.0 if strict else pair["ratio_median"] >= 1.0)
+
+    def vs_llamacpp(a: str, qtype: str) -> Check:
+        return paired(a, f"llamacpp-{qtype}", f"{a} decode ≥ llama.cpp {qtype}", False)
+
+    def faster_paired(a: str, b: str) -> Check:
+        return paired(a, b, f"{a} decode faster than {b}", True)
 
     d = "decode-"
     checks += [ratio_check(d + "w4g128", 2.5), ratio_check(d + "w4g128-head8", 3.5),
-               versus(d + "w4g128-head8", "llamacpp-Q4_0", "llama.cpp Q4_0"),
-               faster(d + "w2g64", d + "w4g128"), faster(d + "w3g128", d + "w4g128"),
-               faster(d + "w2g64-head8", d + "w4g128-head8"), faster(d + "w3g128-head8", d + "w4g128-head8"),
-               ratio_check(d + "w8", 1.7), versus(d + "w8", "llamacpp-Q8_0", "llama.cpp Q8_0"),
-               ratio_check(d + "w8-head8", 1.7), versus(d + "w8-head8", "llamacpp-Q8_0", "llama.cpp Q8_0")]
+               vs_llamacpp("w4g128-head8", "Q4_0"), versus(d + "w4g128-head8", "llamacpp-Q4_0", "llama.cpp Q4_0")]
+    for a, b in (("w2g64", "w4g128"), ("w3g128", "w4g128"), ("w2g64-head8", "w4g128-head8"),
+                 ("w3g128-head8", "w4g128-head8")):
+        checks += [faster_paired(a, b), faster(d + a, d + b)]
+    checks += [ratio_check(d + "w8", 1.7), versus(d + "w8", "llamacpp-Q8_0", "llama.cpp Q8_0"),
+               ratio_check(d + "w8-head8", 1.7), vs_llamacpp("w8-head8", "Q8_0"),
+               versus(d + "w8-head8", "llamacpp-Q8_0", "llama.cpp Q8_0")]
     for name, r in rows.items():
         if r["group"] == "decode" and name != d + "fp32" and not name.endswith("-linears"):
             x = r.get("prefill_x_fp32")
@@ -252,6 +292,7 @@ def markdown(records: dict, settings: Settings, checks: list[Check], png: Path |
               "an untied input embedding one row); % of bandwidth bound: tokens/s × bytes/token over the read "
               "bandwidth. Peak RSS: the measuring process (lowbit: load + generate; llama.cpp: llama-bench)."), ""]
     lines += _decode_table(rows, bw) + ["", _llamacpp_note(records)]
+    lines += _pair_section(records)
     results = kernel_results(records)
     lines += ["", "## Kernels at SmolLM2-135M's shapes", "",
               ("Random codes in each preset's layout (w8: symmetric per channel; w4g128, w3g128, w2g64: asymmetric, "
