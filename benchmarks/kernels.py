@@ -90,7 +90,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from child import spawn_row, why_no_result
-from kernels_lib.common import Row, Settings, Skip, first_line, read_json, write_json
+from kernels_lib.common import Row, Settings, Skip, first_line, pair_name, read_json, write_json
 
 WORK = HERE / ".work" / "kernels"
 OUT = HERE / "results"
@@ -138,10 +138,6 @@ def run_llamacpp(qtype: str, settings: Settings, work: Path) -> dict:
 PAIRS = (("w4g128-head8", "llamacpp-Q4_0"), ("w8-head8", "llamacpp-Q8_0"), ("w2g64", "w4g128"), ("w3g128", "w4g128"),
          ("w2g64-head8", "w4g128-head8"), ("w3g128-head8", "w4g128-head8"))
 PAIR_ROUNDS, PAIR_ROUNDS_QUICK = 8, 2
-
-
-def pair_name(a: str, b: str) -> str:
-    return f"pair-{a}-vs-{b.removeprefix('llamacpp-')}"
 
 
 def _engine(side: str, settings: Settings, work: Path):

@@ -73,6 +73,12 @@ class Row:
     cache_skips: bool = False
 
 
+def pair_name(a: str, b: str) -> str:
+    """The name of the row measuring decode row ``a`` head to head against ``b`` (a decode row, or
+    ``llamacpp-<type>``): ``pair-<a>-vs-<b without "llamacpp-">``."""
+    return f"pair-{a}-vs-{b.removeprefix('llamacpp-')}"
+
+
 class Skip(Exception):
     """The row cannot run here; the message says exactly why."""
 

@@ -7,7 +7,7 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import Settings
+from .common import Settings, pair_name
 
 MISSING = "–"
 GEMV_SHAPES = [(576, 1536), (1536, 576), (576, 49152)]     # (in, out): SmolLM2's largest, judged at 4 bits
@@ -200,7 +200,7 @@ def targets(records: dict, settings: Settings) -> list[Check]:
     def paired(a: str, b: str, label: str, strict: bool) -> Check:
         """The pair row of a against b (names without "decode-"): met when the median ratio a / b is above 1
         (strict) or at least 1."""
-        pair = records.get(f"pair-{a}-vs-{b.removeprefix('llamacpp-')}")
+        pair = records.get(pair_name(a, b))
         label += ", head to head"
         if not _ok(pair) or "a" not in pair:
             why = status_note(pair) if pair and not _ok(pair) else "an older record: run it again" if pair else "not run"
