@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
+# without a GPU, lowbit's Triton kernels (where Triton is installed) run on CPU tensors in Triton's interpreter
+# (tests/test_kernels_triton.py); it must be on before anything imports Triton, which transformers may do
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 import torch
 import transformers as T
 from tokenizers import Tokenizer, models, pre_tokenizers

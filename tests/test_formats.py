@@ -353,3 +353,19 @@ def test_int_zero_bad_values_and_specs():
         QuantSpec(4, 128, True, True)
     with pytest.raises(RecipeError):
         QuantSpec(4, 128, False, 1)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("int_zero", [False, True])
+def test_formats_compute_on_the_device_of_their_tensors(bits, int_zero):
+    """Packing, unpacking and dequantizing allocate on the tensors' own device (a model moved to a GPU keeps
+    working on the reference path): checked on the meta device, where a CPU allocation would fail to mix."""
+    spec = QuantSpec(bits, 128, False, int_zero)
+    q = torch.randint(0, 2**bits, (16, 576), dtype=torch.uint8)
+    zero = torch.randint(0, 2**bits, (16, 5)).half()
+    fmt = GroupedInt.pack(q, torch.rand(16, 5).half(), zero, spec)
+    meta = GroupedInt(*(t.to("meta") if isinstance(t, torch.Tensor) else t
+                        for t in (fmt.codes, fmt.scale, fmt.zero, fmt.spec, fmt.in_features)))
+    for t in (meta.unpacked(), meta.zero_points(), meta.dequantize(), pack_codes(q.to("meta"), bits)):
+        assert t.device.type == "meta"
+    assert meta.dequantize().shape == (16, 576)

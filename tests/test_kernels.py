@@ -52,6 +52,10 @@ def random_format(out_f, in_f, spec, seed=0):
     return GroupedInt.pack(q, scale, zero, spec), w64
 
 
+# the kernels for CPU formats (the GPU's, "triton", where Triton is installed, is tested on CPU tensors with
+# Triton's interpreter in tests/test_kernels_triton.py)
+CPU_KERNELS = sorted(name for name, k in KERNELS.items() if k.device != "cuda")
+
 # kernels that are not fp32 arithmetic (fused_q8 quantizes x to int8; tests/test_kernels_q8.py checks its
 # arithmetic to 1e-4) are held to their documented bound
 REL_TOL = {k.name: k.max_rel_error for k in KERNELS.values() if k.max_rel_error}
@@ -87,7 +91,7 @@ def test_kernels_match_float64_reference(bits, out_f, in_f):
         for group in groups_for(in_f):
             spec = QuantSpec(bits, group, symmetric, int_zero)
             fmt, w64 = random_format(out_f, in_f, spec, seed=bits)
-            for kernel in KERNELS.values():
+            for kernel in map(KERNELS.get, CPU_KERNELS):
                 if not kernel.supports(fmt):
                     continue
                 state = kernel.prepare(fmt)
@@ -99,14 +103,14 @@ def test_kernels_match_float64_reference(bits, out_f, in_f):
     assert n_checked >= 4 * 3 * len(groups_for(in_f))                    # the reference kernel ran everywhere
 
 
-@pytest.mark.parametrize("name", sorted(KERNELS))
+@pytest.mark.parametrize("name", CPU_KERNELS)
 def test_each_kernel_is_exercised(name):
     """Each registered kernel supports at least one format of the shapes above (so the test above covers it)."""
     specs = [QuantSpec(b, g, s) for b in BITS for g in (-1, 32, 128) for s in (False, True)]
     assert any(KERNELS[name].supports(random_format(576, 1536, sp)[0]) for sp in specs)
 
 
-@pytest.mark.parametrize("name", sorted(KERNELS))
+@pytest.mark.parametrize("name", CPU_KERNELS)
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_forced_kernel_through_linear_3d_input_and_bias(forced, name, symmetric):
     bits, group = {"aten_int4": (4, 64), "aten_int8": (8, -1)}.get(name, (3, 128))

@@ -148,7 +148,7 @@ def dequantize_codes(q: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) ->
     g = spec.group_width(in_f)
     full = in_f // g                                                  # groups of full width
     scale, zero = scale.float(), zero.float()
-    w = torch.empty(out_f, in_f)
+    w = torch.empty(out_f, in_f, device=q.device)
     if full:
         wv = w[:, : full * g].unflatten(1, (full, g))                 # (out, full, g) view into w
         torch.sub(q[:, : full * g].unflatten(1, (full, g)), zero[:, :full, None], out=wv)

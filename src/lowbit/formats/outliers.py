@@ -73,7 +73,7 @@ class OutlierFormat(WeightFormat, kind="outliers"):
                              f"must both have the base's shape {base.shape}")
         mask = mask.bool()
         per_row = mask.sum(1)                                                  # (out,)
-        row_ptr = torch.zeros(base.shape[0] + 1, dtype=torch.int32)
+        row_ptr = torch.zeros(base.shape[0] + 1, dtype=torch.int32, device=mask.device)
         row_ptr[1:] = per_row.cumsum(0)
         col = mask.nonzero()[:, 1].to(col_dtype(base.shape[1]))               # row-major: CSR order
         values = weight[mask].to(torch.float16)

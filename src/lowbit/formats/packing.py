@@ -38,12 +38,13 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
         return codes.to(torch.uint8).contiguous()
     per, nbytes = _chunk(bits)
     n_chunks = -(-cols // per)
-    c = torch.zeros(rows, n_chunks * per, dtype=torch.int32)
+    dev = codes.device
+    c = torch.zeros(rows, n_chunks * per, dtype=torch.int32, device=dev)
     c[:, :cols] = codes.to(torch.int32)
     c = c.view(rows, n_chunks, per)                                   # (rows, chunks, per)
-    shifts = torch.arange(per, dtype=torch.int32) * bits
+    shifts = torch.arange(per, dtype=torch.int32, device=dev) * bits
     word = (c << shifts).sum(-1, dtype=torch.int32)                   # (rows, chunks) <= 24 bits
-    byte_shifts = torch.arange(nbytes, dtype=torch.int32) * 8
+    byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=dev) * 8
     out = ((word[..., None] >> byte_shifts) & 0xFF).to(torch.uint8)  # (rows, chunks, nbytes)
     return out.view(rows, n_chunks * nbytes)[:, : packed_row_bytes(cols, bits)].contiguous()
 
@@ -54,16 +55,16 @@ def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
     if bits == 8:
         return packed[:, :cols]
     if 8 % bits == 0:                                                 # 2, 4: whole codes per byte
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (rows, bytes, per)
         return codes.view(rows, -1)[:, :cols]
     per, nbytes = _chunk(bits)
     n_chunks = -(-nb // nbytes)
-    b = torch.zeros(rows, n_chunks * nbytes, dtype=torch.int32)
+    b = torch.zeros(rows, n_chunks * nbytes, dtype=torch.int32, device=packed.device)
     b[:, :nb] = packed
     b = b.view(rows, n_chunks, nbytes)
     word = b[..., 0]
     for j in range(1, nbytes):
         word = word | (b[..., j] << (8 * j))                         # (rows, chunks)
-    codes = (word.unsqueeze(-1) >> (torch.arange(per, dtype=torch.int32) * bits)) & ((1 << bits) - 1)
+    codes = (word.unsqueeze(-1) >> (torch.arange(per, dtype=torch.int32, device=packed.device) * bits)) & ((1 << bits) - 1)
     return codes.to(torch.uint8).view(rows, -1)[:, :cols]

@@ -20,6 +20,11 @@ fused_q8    grouped_int 2/3/4/8-bit, per channel or       the same extension: x 
                                                           products (AVX-512 VNNI, else AVX2
                                                           vpmaddubsw); decode only, within 2e-2 of
                                                           fp32; see :func:`int8_activations`
+triton      grouped_int 2/3/4/8-bit, any group size,      Triton kernels (``lowbit[gpu]``,
+            on a CUDA device                              :mod:`lowbit.kernels._triton`): the stored
+                                                          codes decoded in registers, a GEMV up to
+                                                          8 rows, a ``tl.dot`` tile kernel beyond;
+                                                          registered where Triton is installed
 ==========  ============================================  ===========================================
 
 ``fused`` compiles on first use into lowbit's cache (see :mod:`lowbit.kernels._ext`); where that is
@@ -49,6 +54,7 @@ module's plan; the reference kernel keeps nothing between calls.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -75,6 +81,7 @@ class Kernel(ABC):
     name: str
     max_rows: int | None = None      # the automatic choice offers it only up to this many rows of x
     max_rel_error: float | None = None   # not fp32 arithmetic: its documented error bound, relative to max |y|
+    device: str = "cpu"                  # where the formats it runs live ("any" for the reference)
 
     def __init_subclass__(cls, register: bool = True, **kw):
         super().__init_subclass__(**kw)
@@ -100,6 +107,7 @@ class Kernel(ABC):
 
 class Reference(Kernel):
     name = "reference"
+    device = "any"
 
     def supports(self, fmt):
         return True
@@ -108,11 +116,17 @@ class Reference(Kernel):
         return F.linear(x, fmt.dequantize(x.dtype))
 
 
+def _device(fmt: WeightFormat) -> torch.device:
+    """Where the format's tensors live (and where the kernel runs)."""
+    return next(iter(fmt.tensors().values())).device
+
+
 class AtenInt4(Kernel):
     name = "aten_int4"
 
     def supports(self, fmt):
-        if not isinstance(fmt, GroupedInt) or fmt.spec.bits != 4 or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        if (not isinstance(fmt, GroupedInt) or fmt.spec.bits != 4 or fmt.codes.device.type != "cpu"
+                or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
             return False
         g, (out_f, in_f) = fmt.spec.group_width(fmt.in_features), fmt.shape
         return g in (32, 64, 128, 256) and in_f % g == 0 and in_f % 16 == 0 and out_f % 16 == 0
@@ -136,7 +150,7 @@ class AtenInt8(Kernel):
 
     def supports(self, fmt):
         return (isinstance(fmt, GroupedInt) and fmt.spec.bits == 8 and fmt.spec.n_groups(fmt.in_features) == 1
-                and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+                and fmt.codes.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
 
     def prepare(self, fmt):
         q = (fmt.codes.to(torch.int16) - 128).to(torch.int8)                  # (out, in) signed codes
@@ -203,6 +217,57 @@ class FusedQ8(Fused, register=False):
 
     def _compute(self, x, state):
         return _ext.linear_q8(x, state)
+
+
+class TritonGPU(Kernel, register=False):
+    """lowbit's Triton kernels for :class:`GroupedInt` on CUDA (:mod:`lowbit.kernels._triton`,
+    ``torch.ops.lowbit.grouped_linear_gpu``): the stored codes read as they are (no repacked copy), decoded in
+    registers, fp32 accumulation; a GEMV up to 8 rows of x, a ``tl.dot`` tile kernel beyond.  The plan holds
+    the fp16 zero points (unpacked from ``int_zero`` formats) and nothing else.  Registered where Triton is
+    installed (``lowbit[gpu]``); offered automatically for formats on a CUDA device.  With Triton's interpreter
+    on (``TRITON_INTERPRET=1``, tests) it also runs CPU formats when forced (``LOWBIT_KERNEL=triton``)."""
+
+    name = "triton"
+    device = "cuda"
+
+    def supports(self, fmt):
+        if not isinstance(fmt, GroupedInt) or min(fmt.shape) < 1:
+            return False
+        device = fmt.codes.device.type
+        return device == "cuda" or (device == "cpu" and _triton_interpreting())
+
+    def available(self):
+        return torch.cuda.is_available()
+
+    def prepare(self, fmt):
+        from lowbit.kernels import _triton  # noqa: F401 - registers torch.ops.lowbit.grouped_linear_gpu
+
+        _ext.check_format(fmt)
+        zero = None if fmt.spec.symmetric else fmt.zero_points().contiguous()   # fp16 (out, G)
+        return zero, fmt.spec.group_width(fmt.in_features)
+
+    def run(self, x, fmt, state):
+        if x.requires_grad and torch.is_grad_enabled():                    # the op has no backward
+            return F.linear(x, fmt.dequantize(x.dtype))
+        zero, group_width = state
+        return torch.ops.lowbit.grouped_linear_gpu(x if x.dtype == torch.float32 else x.float(), fmt.codes.contiguous(),
+                                                   fmt.scale.contiguous(), zero, fmt.spec.bits, group_width,
+                                                   fmt.in_features)
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0")
+
+
+def _triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+if _triton_installed():
+    KERNELS[TritonGPU.name] = TritonGPU()
 
 
 def int8_activations() -> bool:
@@ -316,13 +381,16 @@ def _forced() -> str | None:
 
 def _time_all(candidates: list[Kernel], x: Tensor, fmt: WeightFormat, states: list, rounds: int = 5) -> dict[str, float]:
     """Best time of each candidate over ``rounds`` interleaved rounds (a busy moment hits every candidate)."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     for k, st in zip(candidates, states):
         k.run(x, fmt, st)
     best = {k.name: float("inf") for k in candidates}
     for _ in range(rounds):
         for k, st in zip(candidates, states):
+            sync()
             t0 = time.perf_counter()
             k.run(x, fmt, st)
+            sync()
             best[k.name] = min(best[k.name], time.perf_counter() - t0)
     return best
 
@@ -344,7 +412,7 @@ def choose(fmt: WeightFormat, m: int, plans: dict) -> Kernel:
            f"of={','.join(sorted(k.name for k in candidates))}")
     name = _remembered(key)
     if name is None or not any(k.name == name for k in candidates):
-        x = torch.randn(_row_bucket(m), fmt.shape[1])
+        x = torch.randn(_row_bucket(m), fmt.shape[1], device=_device(fmt))
         # losers' states are built for the timing only and dropped: a layer keeps one plan per kernel it uses
         states = [plans[k.name] if k.name in plans else k.prepare(fmt) for k in candidates]
         times = _time_all(candidates, x, fmt, states)
