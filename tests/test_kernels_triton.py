@@ -74,9 +74,11 @@ def test_triton_matches_float64_reference(interpreted, bits):
 
 
 @pytest.mark.parametrize("bits", [3, 4])
-@pytest.mark.parametrize("rows", [1, 33])
-def test_triton_smollm2_shape_and_run_to_run(interpreted, bits, rows):
-    """576 x 576 at group 128 (ragged last group of 64), both kernels; two calls give identical bits."""
+@pytest.mark.parametrize(("rows", "programs"), [(1, 1), (1, 512), (3, 512), (33, 512)])
+def test_triton_smollm2_shape_and_run_to_run(interpreted, monkeypatch, bits, rows, programs):
+    """576 x 576 at group 128 (ragged last group of 64): the GEMV with its columns whole (programs=1) and split
+    in shares (the default), and the tile kernel; two calls give identical bits."""
+    monkeypatch.setattr(interpreted, "GEMV_PROGRAMS", programs)
     fmt, w64 = random_format(576, 576, QuantSpec(bits, 128, False, True), seed=7)
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(3))
     kernel = KERNELS["triton"]

@@ -9,14 +9,16 @@ path loads the next byte too.  Scales are the stored fp16 ``(out, G)``; zero poi
 
 Two kernels, both accumulating in fp32 and writing no dequantized weight to memory:
 
-* ``_gemv`` (at most 8 rows of ``x``, decode): one program per ``BLOCK_N`` output rows and row of ``x``;
-  it walks the input columns ``BLOCK_K`` at a time, decoding codes into registers, and multiplies
-  element-wise (the codes are read once per row of ``x``; the second and later rows hit the cache).
+* ``_gemv`` (at most 8 rows of ``x``, decode): one program per ``BLOCK_N`` output rows, row of ``x`` and
+  share of the input columns; it walks its columns ``BLOCK_K`` at a time, decoding codes into registers,
+  and multiplies element-wise (the codes are read once per row of ``x``; later rows hit the cache).  Layers
+  with few output rows split the columns into shares (about ``GEMV_PROGRAMS`` programs in all) whose
+  partial sums are added afterwards in a fixed order, so results stay bit-identical run to run.
 * ``_gemm`` (prefill): one program per ``BLOCK_M x BLOCK_N`` output tile; it decodes a ``BLOCK_N x BLOCK_K``
   tile of the weight into registers and multiplies with ``tl.dot`` in fp32 (``input_precision="ieee"``,
   no TF32 rounding, so the result stays within fp32 accumulation error of the reference kernel).
 
-Block sizes are fixed, not autotuned: no GPU has been lent to the sessions that wrote them, so they are
+Block sizes and the split are fixed, not autotuned: no GPU has been lent to the sessions that wrote them, so they are
 correct (checked against the reference with Triton's interpreter, ``TRITON_INTERPRET=1``, on CPU tensors:
 ``tests/test_kernels_triton.py``) but not yet tuned or timed on a device.  ``benchmarks/gpu_kernels.py``
 measures them where CUDA is present.
@@ -34,6 +36,8 @@ import triton.language as tl
 from torch import Tensor
 
 GEMV_MAX_ROWS = 8
+GEMV_BLOCK = (16, 128)          # output rows x input columns per GEMV step (untuned: no GPU lent yet)
+GEMV_PROGRAMS = 512             # split the columns until a GEMV has about this many programs (H100: 132 SMs)
 
 
 @triton.jit
@@ -59,21 +63,23 @@ def _weight_tile(codes_ptr, scale_ptr, zero_ptr, rows, cols, n_mask, k_mask, row
 
 
 @triton.jit
-def _gemv(x_ptr, codes_ptr, scale_ptr, zero_ptr, y_ptr, N, K, row_bytes, n_groups, group_width, stride_xm,
-          BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv(x_ptr, codes_ptr, scale_ptr, zero_ptr, y_ptr, N, K, k_per_split, row_bytes, n_groups, group_width,
+          stride_xm, M, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
+    split = tl.program_id(2)                                           # this program's share of the columns
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_begin = split * k_per_split
+    for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         k_mask = cols < K
         x = tl.load(x_ptr + m * stride_xm + cols, mask=k_mask, other=0.0)
         w = _weight_tile(codes_ptr, scale_ptr, zero_ptr, rows, cols, n_mask, k_mask, row_bytes, n_groups,
                          group_width, BITS, HAS_ZERO)
         acc += w * x[None, :]
-    tl.store(y_ptr + m * N + rows, tl.sum(acc, axis=1), mask=n_mask)
+    tl.store(y_ptr + (split * M + m) * N + rows, tl.sum(acc, axis=1), mask=n_mask)
 
 
 @triton.jit
@@ -118,9 +124,19 @@ def grouped_linear(x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None,
     common = dict(BITS=bits, HAS_ZERO=zero is not None)
     args = (codes, scale, zero_arg, y)
     if m <= GEMV_MAX_ROWS:
-        block_n, block_k = 32, 128
-        _gemv[(triton.cdiv(n, block_n), m)](x, *args, n, k, codes.shape[1], scale.shape[1], group_width, x.stride(0),
-                                             BLOCK_N=block_n, BLOCK_K=block_k, **common)
+        block_n, block_k = GEMV_BLOCK
+        n_blocks, k_blocks = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
+        # few output rows (576 of them: 36 programs) would leave most of a GPU idle: split the columns too, each
+        # share into its own partial sum, added in a fixed order afterwards (deterministic, no atomics)
+        splits = max(1, min(k_blocks, GEMV_PROGRAMS // (n_blocks * m)))
+        k_per_split = triton.cdiv(k_blocks, splits) * block_k
+        splits = triton.cdiv(k, k_per_split)
+        out = y if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+        _gemv[(n_blocks, m, splits)](x, codes, scale, zero_arg, out, n, k, k_per_split, codes.shape[1],
+                                     scale.shape[1], group_width, x.stride(0), m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                     **common)
+        if splits > 1:
+            torch.sum(out, dim=0, out=y)
     else:
         block_m, block_n, block_k = 32, 64, 32
         _gemm[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
