@@ -395,6 +395,12 @@ def _time_all(candidates: list[Kernel], x: Tensor, fmt: WeightFormat, states: li
     return best
 
 
+def _device_tag(fmt: WeightFormat) -> str:
+    """Part of a choice's key for formats on a GPU: its model (the machine's file is keyed by the CPU only)."""
+    device = _device(fmt)
+    return "" if device.type == "cpu" else f" on={torch.cuda.get_device_name(device) if device.type == 'cuda' else device}"
+
+
 def choose(fmt: WeightFormat, m: int, plans: dict) -> Kernel:
     """The kernel for ``fmt`` at ``m`` rows: forced, remembered (this process, or this machine's
     :func:`choices_file`), or timed now on this layer and remembered."""
@@ -409,7 +415,7 @@ def choose(fmt: WeightFormat, m: int, plans: dict) -> Kernel:
         return candidates[0]
     # the candidates are part of the key: a choice made without one (LOWBIT_INT8_ACT=0) is not reused with it
     key = (f"{sorted(fmt.meta().items(), key=str)!r} rows={rows} threads={torch.get_num_threads()} "
-           f"of={','.join(sorted(k.name for k in candidates))}")
+           f"of={','.join(sorted(k.name for k in candidates))}{_device_tag(fmt)}")
     name = _remembered(key)
     if name is None or not any(k.name == name for k in candidates):
         x = torch.randn(_row_bucket(m), fmt.shape[1], device=_device(fmt))
