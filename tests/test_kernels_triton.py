@@ -21,7 +21,7 @@ from lowbit import kernels
 from lowbit.formats import OutlierFormat, QuantSpec
 from lowbit.kernels import KERNELS
 from lowbit.modules import QuantLinear
-from test_kernels import check_close, random_format
+from test_kernels import check_close, forced, random_format  # noqa: F401 - forced: a fixture
 
 pytestmark = pytest.mark.skipif("triton" not in KERNELS, reason="Triton is not installed (pip install 'lowbit[gpu]')")
 
@@ -40,16 +40,6 @@ def interpreted():
     from lowbit.kernels import _triton
 
     return _triton
-
-
-@pytest.fixture
-def forced(monkeypatch):
-    monkeypatch.setenv("LOWBIT_KERNEL_CHOICES", "off")
-
-    def force(name):
-        monkeypatch.setenv("LOWBIT_KERNEL", name)
-
-    return force
 
 
 @pytest.mark.parametrize("bits", BITS)
