@@ -122,7 +122,6 @@ def grouped_linear(x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None,
         return y.zero_()
     zero_arg = zero if zero is not None else scale                    # any pointer: HAS_ZERO=False never reads it
     common = dict(BITS=bits, HAS_ZERO=zero is not None)
-    args = (codes, scale, zero_arg, y)
     if m <= GEMV_MAX_ROWS:
         block_n, block_k = GEMV_BLOCK
         n_blocks, k_blocks = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
@@ -140,7 +139,7 @@ def grouped_linear(x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None,
     else:
         block_m, block_n, block_k = 32, 64, 32
         _gemm[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-            x, *args, m, n, k, codes.shape[1], scale.shape[1], group_width, x.stride(0),
+            x, codes, scale, zero_arg, y, m, n, k, codes.shape[1], scale.shape[1], group_width, x.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **common)
     return y
 
