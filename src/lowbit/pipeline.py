@@ -487,7 +487,7 @@ def refine_block(block_name: str, block: nn.Module, refs: dict, formats: dict[st
                 with torch.no_grad():
                     for p in params:
                         if p.grad is not None:
-                            p.sub_(lr * p.grad.sign())
+                            p.add_(p.grad.sign_(), alpha=-lr)             # p - lr·sign(grad), in place
                             p.grad = None
                     for lw in learners.values():
                         lw.project()
