@@ -84,6 +84,50 @@ def test_learned_weight_stays_in_range_and_reproduces_its_start():
     torch.testing.assert_close(fmt.dequantize(), lw().detach(), rtol=0, atol=2e-2 * w.abs().max().item())
 
 
+@pytest.mark.parametrize("group, sym", [(128, False), (32, True), (-1, False)])
+def test_learned_weight_matches_the_plain_formula_on_ragged_groups(group, sym):
+    """The fake-quantized weight (built from broadcast views) equals the module docstring's formula with each
+    group's scale and zero written out per column (expand_groups), in value and in every parameter's gradient;
+    the group ranges equal a per-group min/max with zero included. 200 columns: a ragged last group at 128 and 32."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 200, generator=g)
+    spec = QuantSpec(3, group, sym, not sym)
+    lw = LearnedWeight(w, rtn(w, spec), spec, LearnedSpec())
+    with torch.no_grad():
+        lw.v.uniform_(-0.5, 0.5, generator=g)
+        lw.gamma.uniform_(0.8, 1.2, generator=g)
+        lw.delta.uniform_(-0.5, 0.5, generator=g) if not sym else None
+    upstream = torch.randn(12, 200, generator=g)
+
+    def grads(fn):
+        for p in lw.parameters():
+            p.grad = None
+        out = fn()
+        (out * upstream).sum().backward()
+        return out.detach(), [None if p.grad is None else p.grad.clone() for p in lw.parameters()]
+
+    def plain():
+        s, z = lw._params()
+        s = s + (s.half().float() - s).detach()
+        z = z + (z.half().float() - z).detach()
+        s, z = expand_groups(s, spec, 200), expand_groups(z, spec, 200)
+        q = torch.clamp(torch.round(w / s + z + lw.v) - (w / s + z + lw.v).detach() + (w / s + z + lw.v), 0, spec.maxq)
+        return (q - z) * s
+
+    got, got_g = grads(lw)
+    want, want_g = grads(plain)
+    assert torch.equal(got, want)
+    for a, b in zip(got_g, want_g):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    lo, hi = lw._ranges(w)
+    width = spec.group_width(200)
+    for j in range(lo.shape[1]):
+        cols = w[:, j * width:(j + 1) * width]
+        assert torch.equal(lo[:, j], cols.amin(1).clamp(max=0)) and torch.equal(hi[:, j], cols.amax(1).clamp(min=0))
+
+
 def test_learned_keeps_outliers_exact():
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
     spec = QuantSpec(2, 32, False)
