@@ -62,7 +62,7 @@ class LearnedSpec:
 
     iters: int = 200               # optimisation steps per block
     lr: float = 0.0                # signed-gradient step; 0 = 1 / iters (AutoRound's default)
-    batch: int = 8                 # calibration windows per step (8 x 512 tokens: about 2 s per step on 2 cores)
+    batch: int = 8                 # calibration windows per step (8 x 512 tokens: about 0.4 s per SmolLM2 block step, 2 cores, bf16)
     scale_range: float = 0.5       # γ ∈ [1 - r, 1 + r]
     zero_range: float = 1.0        # δ ∈ [-d, d] code units
     target: str = "fp"             # "fp": the full-precision model's block outputs (fp inputs); "block": the fp block on the quantized inputs
