@@ -27,9 +27,10 @@ def _ids(n=8, t=32, seed=2):
     return torch.randint(3, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
-def _block_error(method: str, learned: dict | None, seed: int = 0, int_zero: bool = False) -> float:
+def _block_error(method: str, learned: dict | None, seed: int = 0, int_zero: bool = False,
+                 family: str = "llama") -> float:
     """MSE of block 1's output (quantized) against the full-precision block on the same inputs."""
-    model = tiny_model("llama")
+    model = tiny_model(family)
     adapter = get_adapter(model)
     inputs = capture_block_inputs(model, adapter, _ids(), batch_size=4)
     block0 = adapter.blocks(model)[0][1]
@@ -139,6 +140,60 @@ def test_learned_keeps_outliers_exact():
     dq = fmt.dequantize()
     assert dq[3, 5] == 9.0 and dq[7, 60] == -7.0
     assert fmt.nbytes() == init.nbytes()
+
+
+def _count_compiled_steps(monkeypatch) -> list[int]:
+    """Every block learns through the compiled block (size threshold 0); returns a list that counts the steps
+    the compiled block computed."""
+    from lowbit import decoding, pipeline
+
+    monkeypatch.setenv("LOWBIT_COMPILE", "1")                     # conftest turns it off for the suite
+    if not decoding.compile_enabled():
+        pytest.skip("torch.compile needs a C++ toolchain (or LOWBIT_COMPILE=0 is set)")
+    monkeypatch.setattr(pipeline, "_COMPILE_MIN_WEIGHTS", 0)
+    calls = []
+    real = pipeline._compiled_step
+
+    def counted(*args, **kwargs):
+        y = real(*args, **kwargs)
+        calls.append(y is not None)
+        return y
+
+    monkeypatch.setattr(pipeline, "_compiled_step", counted)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])                 # gpt2: Conv1D weights are (in, out)
+def test_compiled_learning_steps_learn_like_eager_ones(family, monkeypatch):
+    start = _block_error("rtn", None, family=family)
+    eager = _block_error("rtn", {"iters": 30, "batch": 2}, family=family)
+    calls = _count_compiled_steps(monkeypatch)
+    compiled = _block_error("rtn", {"iters": 30, "batch": 2}, family=family)
+    assert len(calls) == 30 and all(calls)                           # every step through the compiled block
+    assert compiled < 0.8 * start and eager < 0.8 * start
+    assert abs(compiled - eager) < 0.1 * start                       # float differences only, not another method
+
+
+def test_compile_failure_falls_back_to_eager_bit_identically(monkeypatch):
+    from lowbit import pipeline
+
+    def run():
+        model = tiny_model("llama")
+        quantize_model(model, Recipe(method="rtn", bits=2, group_size=32, learned={"iters": 6, "batch": 2}),
+                       _ids(), progress=False)
+        return model.state_dict()
+
+    eager = run()
+    calls = _count_compiled_steps(monkeypatch)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(pipeline, "_block_call_compiled", None)
+    monkeypatch.setattr(torch, "compile", broken)
+    fallen = run()
+    assert calls and not any(calls)                                  # tried, failed, learned eagerly
+    assert all(torch.equal(eager[k], fallen[k]) for k in eager)
 
 
 def test_same_seed_is_bit_identical_and_the_seed_matters():

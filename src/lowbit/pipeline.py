@@ -424,7 +424,9 @@ def refine_block(block_name: str, block: nn.Module, refs: dict, formats: dict[st
     each term divided by its value at the first step. With ``learned.scaling`` the equivalent input
     scales of the block's foldable scale groups are learned too, then folded into their producers.
     Fused MoE experts keep their starting formats (logged) and compute with them while the dense layers
-    learn. Returns the formats and, when anything was learned, the check of the stored block."""
+    learn. Large blocks without experts or a KL tail run their steps through the compiled block
+    (:func:`_compile_learning`, :func:`_compiled_step`). Returns the formats and, when anything was learned,
+    the check of the stored block."""
     spec = recipe.learned
     dense = [rel for rel in formats if refs[rel].param is None]
     if len(dense) < len(formats):
@@ -446,9 +448,14 @@ def refine_block(block_name: str, block: nn.Module, refs: dict, formats: dict[st
     frozen = [p for p in (tail.model if tail is not None else block).parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    for rel, lw in learners.items():
-        bias = refs[rel].bias()
-        _set_submodule(block, rel, _LearnedLinear(lw, None if bias is None else bias.detach()))
+    def install_learned():
+        for rel, lw in learners.items():
+            bias = refs[rel].bias()
+            _set_submodule(block, rel, _LearnedLinear(lw, None if bias is None else bias.detach()))
+
+    compiled = tail is None and len(dense) == len(formats) and _compile_learning(learners)
+    if not compiled:                    # compiled: the block keeps its own layers, fed the learned weights
+        install_learned()
     gen = torch.Generator().manual_seed(spec.seed * 100003 + seed)
     order: list[int] = []               # capture batches in a seeded shuffled order, each once per pass
     best_loss, best_state, first = float("inf"), None, None
@@ -464,8 +471,15 @@ def refine_block(block_name: str, block: nn.Module, refs: dict, formats: dict[st
                     a = int(torch.randint(n - spec.batch + 1, (1,), generator=gen))
                     inp, tgt = window_slice(inp, a, a + spec.batch), tgt[a:a + spec.batch]
                 with torch.enable_grad(), _autocast(recipe.calibration_dtype):
-                    y = block(inp.hidden, *inp.args, **inp.kwargs)
-                    y = y[0] if isinstance(y, tuple) else y
+                    if compiled:
+                        weights = {f"{rel}.weight": _as_stored(originals[rel], lw()) for rel, lw in learners.items()}
+                        y = _compiled_step(block, weights, inp, check=it == 0, name=block_name)
+                        if y is None:                          # the compiled block failed its check: eager
+                            compiled = False
+                            install_learned()
+                    if not compiled:
+                        y = block(inp.hidden, *inp.args, **inp.kwargs)
+                        y = y[0] if isinstance(y, tuple) else y
                     mse = F.mse_loss(y.float(), tgt.float())
                     kl = None
                     if tail is not None:
@@ -493,6 +507,8 @@ def refine_block(block_name: str, block: nn.Module, refs: dict, formats: dict[st
                         lw.project()
                     for a in log_scales:
                         a.clamp_(-spec.scaling_range, spec.scaling_range)
+            if compiled:
+                install_learned()
             with torch.no_grad():
                 for p, v in zip(params, best_state):
                     p.copy_(v)
@@ -511,6 +527,58 @@ def refine_block(block_name: str, block: nn.Module, refs: dict, formats: dict[st
              first[0] if first[1] is None else 1.0 + spec.kl, best_loss, kl_note, spec.iters,
              f", {len(groups)} scale groups" if groups else "")
     return out, _Folded(probe, expected, len(groups))
+
+
+# -- compiled learning steps ------------------------------------------------------------
+_COMPILE_MIN_WEIGHTS = 1_000_000        # smaller blocks learn eagerly: compiling costs more than it saves
+_block_call_compiled: Callable | None = None
+
+
+def _compile_learning(learners: dict[str, LearnedWeight]) -> bool:
+    """Whether a block's learning steps run through the compiled block (:func:`_compiled_step`): its learned
+    layers hold at least ``_COMPILE_MIN_WEIGHTS`` weights, and compiling is enabled (not ``LOWBIT_COMPILE=0``,
+    a C++ toolchain present). Measured on SmolLM2 (3.5 M weights a block, bf16, 2 cores): 0.35-0.38 s a step
+    against 0.38-0.40 s eager, after about 10 s compiling once for all blocks."""
+    from lowbit.decoding import compile_enabled
+
+    return sum(lw.w.numel() for lw in learners.values()) >= _COMPILE_MIN_WEIGHTS and compile_enabled()
+
+
+def _block_call(block: nn.Module, weights: dict[str, Tensor], hidden: Tensor, args: tuple, kwargs: dict) -> Tensor:
+    y = torch.func.functional_call(block, weights, (hidden, *args), kwargs, strict=False)
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _as_stored(module: nn.Module, w_hat: Tensor) -> Tensor:
+    """A learned (out, in) weight in the orientation ``module`` keeps its weight (Conv1D: (in, out))."""
+    return w_hat.t() if isinstance(module, Conv1D) else w_hat
+
+
+def _compiled_step(block: nn.Module, weights: dict[str, Tensor], inp: BlockInput, check: bool,
+                   name: str) -> Tensor | None:
+    """The block's output with ``weights`` (the fake-quantized weights, computed eagerly and differentiable)
+    in place of its own, through ``torch.compile`` of the block. The fake-quantizer stays outside the
+    compiled graph: compiled inside it (fp16 rounding of the scales under bf16 autocast), the block's
+    output was NaN. With ``check`` (a block's first step) the output is compared with the eager block's;
+    on a mismatch or any compile error the step returns None (logged) and the block learns eagerly."""
+    global _block_call_compiled
+    try:
+        if _block_call_compiled is None:
+            _block_call_compiled = torch.compile(_block_call)
+        y = _block_call_compiled(block, weights, inp.hidden, inp.args, inp.kwargs)
+    except Exception as e:                                                # noqa: BLE001 - any compiler failure
+        log.warning("%s: compiled learning step failed (%s: %s); learning eagerly", name, type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "")
+        return None
+    if check:
+        with torch.no_grad():
+            ref = _block_call(block, weights, inp.hidden, inp.args, inp.kwargs).float()
+            err = float((y.detach().float() - ref).abs().max()) / max(float(ref.abs().max()), 1e-30)
+        if not (err < 0.05):                                              # NaN fails too
+            log.warning("%s: compiled learning step differs from eager (max error %.3g of the output's "
+                        "range); learning eagerly", name, err)
+            return None
+    return y
 
 
 def _fold_producer(block: nn.Module, group: ScaleGroup, c: Tensor, learners: dict[str, LearnedWeight],
