@@ -115,7 +115,7 @@ class LearnedWeight(nn.Module):
         self.register_buffer("s0", base.scale.float())
         self.register_buffer("z0", base.zero_points().float())
         in_f = w.shape[1]
-        self.width = spec.group_width(in_f)                 # columns per group; the last group may be shorter
+        self.width = spec.group_width(in_f)                 # columns per group (_ranges); the last may be shorter
         mask = None
         if self.outliers is not None:
             mask = torch.zeros_like(w, dtype=torch.bool)
@@ -123,7 +123,7 @@ class LearnedWeight(nn.Module):
             mask[rows.long(), self.outliers.col.long()] = True
         self.register_buffer("mask", mask)
         # start at the smallest offset that reproduces the starting codes (module docstring)
-        x = w / self._per_weight(self.s0) + self._per_weight(self.z0)
+        x = w / expand_groups(self.s0, spec, in_f) + expand_groups(self.z0, spec, in_f)
         q0 = base.unpacked().float()
         d = q0 - torch.round(x)
         margin = 0.05
@@ -157,14 +157,6 @@ class LearnedWeight(nn.Module):
         log_c = getattr(self, "_log_c", None)
         return None if log_c is None else torch.exp(log_c)
 
-    def _per_weight(self, t: Tensor) -> Tensor:
-        """A per-group tensor (out, groups) repeated over each group's columns: (out, in).
-
-        A broadcast view reshaped, not a gather: its backward is a plain sum over each group's columns
-        (a gather's backward, an accumulating scatter, took a tenth of a 3-bit learning step on SmolLM2)."""
-        out, n = t.shape[0], self.w.shape[1]
-        return t[:, :, None].expand(out, t.shape[1], self.width).reshape(out, -1)[:, :n]
-
     def _ranges(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """Per-group (min, max) of ``w``, zero included (as round-to-nearest's ranges)."""
         out, n = w.shape
@@ -195,7 +187,7 @@ class LearnedWeight(nn.Module):
         s, z = self._params(None if c is None else w)
         s = s + (s.half().float() - s).detach()            # the stored fp16 values, gradients straight through
         z = z + (z.half().float() - z).detach()
-        s, z = self._per_weight(s), self._per_weight(z)
+        s, z = expand_groups(s, self.spec, w.shape[1]), expand_groups(z, self.spec, w.shape[1])
         q = torch.clamp(_ste_round(w / s + z + self.v), 0, self.spec.maxq)
         w_hat = (q - z) * s
         if self.mask is not None:
