@@ -195,6 +195,31 @@ def _cached(row: Row, settings: Settings, work: Path) -> dict | None:
     return rec
 
 
+def seed_from_results(rows: list[Row], settings: Settings, work: Path, out: Path) -> int:
+    """Copy finished rows from the published ``peers.json`` into an empty work cache.
+
+    The work folder is not committed, so on a new checkout only ``benchmarks/results/peers.json``
+    holds the rows measured before. A row is taken from it only where the work cache has none
+    and its run settings and fingerprint (library version, config, lowbit recipe) still match, so
+    ``--only``/``--redo`` on a new machine rebuild the whole table rather than just their rows.
+    """
+    try:
+        published = json.loads((out / "peers.json").read_text()).get("rows", [])
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return 0
+    by_name = {r.get("name"): r for r in published if isinstance(r, dict)}
+    seeded = 0
+    for row in rows:
+        rec = by_name.get(row.name)
+        if rec is None or rec.get("status") == "crashed" or (work / "rows" / f"{row.name}.json").exists():
+            continue
+        if rec.get("settings") != settings.fingerprint() or rec.get("fingerprint") != row.fingerprint():
+            continue
+        _atomic_write_json(work / "rows" / f"{row.name}.json", rec)
+        seeded += 1
+    return seeded
+
+
 def _child_args(settings: Settings, work: Path) -> list[str]:
     args = ["--windows", str(settings.windows), "--seqlen", str(settings.seqlen), "--model", settings.model,
             "--work", str(work)]
@@ -301,6 +326,10 @@ def main(argv=None) -> int:
     if only and not selected:
         print(f"peers: no row name contains {', '.join(only)}; see --list", file=sys.stderr)
         return 2
+
+    seeded = seed_from_results(rows, settings, args.work, args.out)
+    if seeded:
+        print(f"peers: took {seeded} finished row(s) from {args.out / 'peers.json'} into {args.work}", flush=True)
 
     if args.list:
         for r in selected:
