@@ -62,8 +62,9 @@ def markdown(records: list[dict], settings: dict, header: dict) -> str:
         f"windows for every row; KL and top-1 against the fp32 model). Calibration for every calibrated row: "
         f"{header['calibration']}. Each row ran in its own process; {header['threads']}. "
         f"torch {header['versions'].get('torch')}, transformers {header['versions'].get('transformers')}, "
-        f"{header['machine']}. Written {header['created']}. Rows ran on 2-core AMD EPYC machines: those whose "
-        f"note names no CPU on one with AVX-512 BF16 (before 2026-12-04), the others on the CPU their note names; "
+        f"{header['machine']}. Written {header['created']}. Rows ran on 2-core virtual machines: those whose "
+        f"note names no CPU on an AMD EPYC with AVX-512 BF16 (before 2026-12-04), the others on the CPU their note "
+        f"names (rows on different CPUs differ in speed: compare quantize times within one CPU); "
         f"lowbit's calibration passes run in bf16 only where the CPU has native bf16, else fp32.")
     if settings.get("calib_windows") or settings.get("iters"):
         lines.append("")
