@@ -297,3 +297,53 @@ def test_a_reloaded_model_runs_unfused_until_fused_again(tmp_path, monkeypatch):
     got, got_scores = _generate(model, ids)
     assert calls and torch.equal(got, want)
     torch.testing.assert_close(got_scores, want_scores, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "fused_q8"])
+def test_team_decode_step_gives_the_bits_of_a_parallel_region_per_stage(tmp_path, monkeypatch, kernel):
+    """``decode_layers`` runs a step in one parallel region with a team of threads (spin barriers between the
+    stages) unless ``LOWBIT_DECODE_TEAM=0``; the rows and heads are split as ``at::parallel_for`` splits them, so
+    both give the same bits. Layers wide enough that every GEMV's rows and the attention heads are split over
+    two threads (grain: 64K weights per task; heads: 16K cached floats)."""
+    if kernel == "fused_q8" and not _ext.q8_available():
+        pytest.skip("no int8-activation kernel on this CPU")
+    monkeypatch.setenv("LOWBIT_KERNEL", kernel)
+    monkeypatch.setenv("LOWBIT_INT8_ACT", "1" if kernel == "fused_q8" else "0")
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(**{**_COMMON, "hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8,
+                           "num_key_value_heads": 2})
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    report = quantize_model(model, Recipe.resolve("w4g64"), progress=False)
+    path = tmp_path / "wide"
+    checkpoint.save(model, tiny_tokenizer(), path, report, {"spec": "tiny"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fast = lowbit.load(path)
+        fs = [b._lowbit_fused for b in fast.model.layers]
+        assert all(f is not None for f in fs)
+        assert fs[0].meta[5] == (kernel == "fused_q8")
+        w, meta, fmeta = fast.model._lowbit_fused_stack
+        g = torch.Generator().manual_seed(5)
+        hd = fs[0].head_dim
+        x, cs, sn = (torch.randn(1, 1, fs[0].hidden, generator=g), torch.randn(1, 1, hd, generator=g),
+                     torch.randn(1, 1, hd, generator=g))
+        caches = [(torch.randn(1, f.kv_heads, 48, hd, generator=g), torch.randn(1, f.kv_heads, 48, hd, generator=g),
+                   torch.tensor(40)) for f in fs]
+        got = {}
+        for team in ("1", "0"):
+            monkeypatch.setenv("LOWBIT_DECODE_TEAM", team)
+            mine = [(k.clone(), v.clone(), n.clone()) for k, v, n in caches]
+            y = x
+            for _ in range(3):                                           # three tokens, the cache growing
+                y = torch.ops.lowbit.decode_layers(y, w, meta, fmeta, [k for k, _, _ in mine],
+                                                   [v for _, v, _ in mine], [n for _, _, n in mine], cs, sn, None)
+            got[team] = (y, mine)
+            assert torch.ops.lowbit.decode_team_threads() == (2 if team == "1" else 1)   # which path ran
+        (y1, c1), (y0, c0) = got["1"], got["0"]
+        assert torch.isfinite(y1).all() and not torch.equal(y1, x)
+        assert torch.equal(y1, y0)
+        for (k, v, n), (k0, v0, n0) in zip(c1, c0):
+            assert torch.equal(k, k0) and torch.equal(v, v0) and int(n) == int(n0) == 43
+    finally:
+        torch.set_num_threads(threads)

@@ -17,7 +17,10 @@ the data (TLB and page-table misses on every page, the stream prefetchers starti
 decode step's back-to-back layers do not, so m = 1 is timed a third way, *stream*, for fp32, the
 kernel ``choose`` picks and ``fused_q8``: one sweep calls the kernel on as many distinct copies of
 the layer as fill twice the last-level cache, back to back, and a call costs the sweep's time over
-the copies -- the figure the GEMV bandwidth target uses. m = 64 (a prefill) is timed hot.
+the copies -- the figure the GEMV bandwidth target uses. For lowbit's fused kernels the same sweep is
+also timed from a C++ loop (``torch.ops.lowbit.time_linear_stream``: each call prepares x and runs the
+rows in one ``at::parallel_for``, as a decode step's C++ calls a linear), without the few microseconds
+of a Python call and operator dispatch that the per-call figure includes. m = 64 (a prefill) is timed hot.
 """
 
 from __future__ import annotations
@@ -154,7 +157,7 @@ def _stream(weight: torch.Tensor, formats: dict[str, GroupedInt], in_f: int, rou
     ws = [weight.clone() for _ in range(_copies(weight.numel() * 4))]
     cases = {"fp32": lambda: [F.linear(x, w) for w in ws]}
     per = {"fp32": len(ws)}
-    picks = []
+    picks, plans_of = [], {}
     with torch.inference_mode():
         for name, fmt in formats.items():
             chosen = kernels.choose(fmt, 1, {}).name
@@ -164,12 +167,33 @@ def _stream(weight: torch.Tensor, formats: dict[str, GroupedInt], in_f: int, rou
                 copies = [GroupedInt(fmt.codes.clone(), fmt.scale.clone(), None if fmt.zero is None else fmt.zero.clone(),
                                      fmt.spec, fmt.in_features) for _ in range(_copies(fmt.nbytes()))]
                 plans = [(c, k.prepare(c)) for c in copies]
+                plans_of[f"{name}/{k.name}"] = plans
                 cases[f"{name}/{k.name}"] = lambda k=k, plans=plans: [k.run(x, c, st) for c, st in plans]
                 per[f"{name}/{k.name}"] = len(plans)
                 picks.append((name, k.name, k.name == chosen))
         best = bench(cases, rounds, budget_s)
+        # the same sweeps from a C++ loop (torch.ops.lowbit.time_linear_stream): the kernel as a decode step's
+        # C++ calls it, without the ~3-5 us of a Python call and operator dispatch around each call
+        cpp = {}
+        for name, kname, _ in picks:
+            if kname not in ("fused", "fused_q8"):
+                continue
+            states = [st for _, st in plans_of[f"{name}/{kname}"]]
+            if any(st is None for st in states):
+                continue
+            st0 = states[0]
+            secs = torch.ops.lowbit.time_linear_stream(
+                x[0].contiguous(), [st.codes for st in states], [st.scale for st in states],
+                [torch.empty(0) if st.zero is None else st.zero for st in states], st0.bits, st0.group_size,
+                in_f, kname == "fused_q8", max(5, 3 * rounds))
+            cpp[(name, kname)] = min(secs)
     fp32_us = best["fp32"] / per["fp32"] * 1e6
-    return [{"format": name, "kernel": kname, "m": 1, "cold": False, "stream": True,
+    rows = [{"format": name, "kernel": kname, "m": 1, "cold": False, "stream": True,
              "us": best[f"{name}/{kname}"] / per[f"{name}/{kname}"] * 1e6, "fp32_us": fp32_us,
              "weight_bytes": formats[name].nbytes(), "chosen": chosen, "copies": per[f"{name}/{kname}"]}
             for name, kname, chosen in picks]
+    rows += [{"format": name, "kernel": kname, "m": 1, "cold": False, "stream": True, "cpp_loop": True,
+              "us": cpp[(name, kname)] * 1e6, "fp32_us": fp32_us, "weight_bytes": formats[name].nbytes(),
+              "chosen": chosen, "copies": per[f"{name}/{kname}"]}
+             for name, kname, chosen in picks if (name, kname) in cpp]
+    return rows

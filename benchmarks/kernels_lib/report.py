@@ -148,7 +148,8 @@ def _kernel_table(results: list[dict], records: dict) -> list[str]:
         kernel = f"**{r['kernel']}** (chosen)" if r["chosen"] else r["kernel"]
         out.append("| " + " | ".join([
             str(r["threads"]), f"{r['in']} -> {r['out']}", r["format"], str(r["m"]),
-            "stream" if r.get("stream") else "cold" if r.get("cold") else "hot", kernel, f"{r['us']:.1f}",
+            ("stream, C++ loop" if r.get("cpp_loop") else "stream") if r.get("stream") else "cold" if r.get("cold")
+            else "hot", kernel, f"{r['us']:.1f}",
             f"{r['fp32_us']:.1f}", f"{r['fp32_us'] / r['us']:.2f}", _num(gbs, ".1f"),
             _num(100 * gbs / bw if gbs and bw else None, ".0f") + (" †" if gbs and r["other_run"] else "")]) + " |")
     return out
@@ -238,18 +239,33 @@ def _gemv_check(results: list[dict], bw: float | None, threads: int) -> Check:
     target = (f"4-bit GEMV (w4g128, m=1, weights streamed from memory, {threads} threads, the kernel lowbit "
               "chooses) at " + ", ".join(f"{i}->{o}" for i, o in GEMV_SHAPES)
               + f" ≥ {GEMV_SHARE:.0%} of the read bandwidth")
-    chosen = {(r["in"], r["out"]): r for r in results
-              if r["format"] == "w4g128" and r["m"] == 1 and r.get("stream") and r["threads"] == threads and r["chosen"]}
+    def stream(cpp: bool, pick) -> dict:
+        return {(r["in"], r["out"]): r for r in results
+                if r["format"] == "w4g128" and r["m"] == 1 and r.get("stream") and r["threads"] == threads
+                and bool(r.get("cpp_loop")) == cpp and pick(r)}
+
+    chosen = stream(False, lambda r: r["chosen"])
     if bw is None or any(s not in chosen for s in GEMV_SHAPES):
         return Check(target, "not measured (kernel rows or bandwidth missing)", None)
-    shares = {s: chosen[s]["weight_bytes"] / chosen[s]["us"] / 1e3 / bw for s in GEMV_SHAPES}
-    figure = ", ".join(f"{i}->{o}: {100 * v:.0f} % ({chosen[(i, o)]['kernel']})" for (i, o), v in shares.items())
-    q8 = {(r["in"], r["out"]): r["weight_bytes"] / r["us"] / 1e3 / bw for r in results
-          if r["format"] == "w4g128" and r.get("stream") and r["threads"] == threads and r["kernel"] == "fused_q8"}
-    if all(s in q8 for s in GEMV_SHAPES):
+
+    def shares(rows: dict) -> dict:
+        return {s: rows[s]["weight_bytes"] / rows[s]["us"] / 1e3 / bw for s in GEMV_SHAPES if s in rows}
+
+    per_call = shares(chosen)
+    figure = "called from Python: " + ", ".join(f"{i}->{o}: {100 * v:.0f} % ({chosen[(i, o)]['kernel']})"
+                                               for (i, o), v in per_call.items())
+    q8 = shares(stream(False, lambda r: r["kernel"] == "fused_q8"))
+    if len(q8) == len(GEMV_SHAPES):
         figure += "; with int8 activations (fused_q8, the default wherever it runs): " + ", ".join(
-            f"{100 * q8[s]:.0f} %" for s in GEMV_SHAPES)
-    return Check(target, figure, all(v >= GEMV_SHARE for v in shares.values()))
+            f"{100 * v:.0f} %" for v in q8.values())
+    # the kernel as lowbit's decode step calls it (from C++, fused_layer.cpp): the figure the target is judged on
+    cpp = stream(True, lambda r: r["chosen"])
+    in_cpp = shares(cpp)
+    if len(in_cpp) < len(GEMV_SHAPES):
+        return Check(target, figure + "; not measured from C++", all(v >= GEMV_SHARE for v in per_call.values()))
+    figure = ("called from C++ as a decode step does: " + ", ".join(
+        f"{i}->{o}: {100 * v:.0f} % ({cpp[(i, o)]['kernel']})" for (i, o), v in in_cpp.items()) + "; " + figure)
+    return Check(target, figure, all(v >= GEMV_SHARE for v in in_cpp.values()))
 
 
 def _short(name: str) -> str:
@@ -302,7 +318,7 @@ def markdown(records: dict, settings: Settings, checks: list[Check], png: Path |
               "cache, untimed) before every call, so the weights come from memory, and the call also pays the "
               "flush's TLB and prefetcher restarts; *stream*: the kernel on distinct copies of the layer filling "
               "twice the last-level cache, back to back, as a decode step's layers run (µs per call: the sweep "
-              "over the copies); *hot*: repeated calls, the weights stay in L2/L3 and can beat the memory "
+              "over the copies); *stream, C++ loop*: the same sweep timed from C++ (`torch.ops.lowbit.time_linear_stream`), as a decode step's C++ calls the kernel, without the Python call around each; *hot*: repeated calls, the weights stay in L2/L3 and can beat the memory "
               "bandwidth. GB/s: stored bytes (codes + "
               "scales + zeros) per second at m = 1 († : the bandwidth it is compared with was measured in another "
               "run)."), ""]

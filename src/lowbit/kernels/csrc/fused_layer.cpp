@@ -30,22 +30,26 @@
 // per step instead of once per layer.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <strings.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
+
+#include "fused_step.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
 
 namespace lowbit_fused {
-
-at::Tensor layer_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                        const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size, int64_t in_features,
-                        bool q8);
 
 namespace {
 
@@ -217,10 +221,9 @@ void attend_positions(const std::optional<at::Tensor>& mask, int64_t Lmax, int64
 // the start of a layer: between one token's visits to a layer the GEMVs stream tens of MB through the caches,
 // so attention would otherwise wait on memory for every key and value row (measured on SmolLM2, 40 positions:
 // attention 5.8 -> 4.1 us a layer, the rows arriving during the q/k/v GEMV).
-void prefetch_cache(const at::Tensor& keys, const at::Tensor& values, int64_t nkv, int64_t Lmax, int64_t hd,
-                    int64_t pos) {
-  const char* K = reinterpret_cast<const char*>(keys.data_ptr<float>());
-  const char* V = reinterpret_cast<const char*>(values.data_ptr<float>());
+void prefetch_cache(const float* keys, const float* values, int64_t nkv, int64_t Lmax, int64_t hd, int64_t pos) {
+  const char* K = reinterpret_cast<const char*>(keys);
+  const char* V = reinterpret_cast<const char*>(values);
   const int64_t row = hd * (int64_t)sizeof(float), bytes = std::min<int64_t>(pos, 256) * row;
   for (int64_t j = 0; j < nkv; ++j)
     for (int64_t b = 0; b < bytes; b += 64) {
@@ -229,149 +232,303 @@ void prefetch_cache(const at::Tensor& keys, const at::Tensor& values, int64_t nk
     }
 }
 
-struct Linear {
-  const at::Tensor *codes, *scale;
-  std::optional<at::Tensor> zero;
-  int64_t bits, group_size;
-  bool q8;
+// A spin-wait hint to the core.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_ia32_pause();
+#endif
+}
+
+// ---- one decode step over every layer ------------------------------------------------------------------
+//
+// A step is planned first (every tensor checked and every linear bound: nothing below the plan throws), then
+// run by a team of at::get_num_threads() threads inside one parallel region: thread 0 does the serial parts
+// (norms, x's int8 quantization, rotary, the cache write, residuals) while the others prefetch into L2 the
+// rows of the GEMV they compute next; the GEMV rows and the attention heads are split over the team exactly
+// as at::parallel_for splits them, and spin barriers separate the stages.  One parallel region per token
+// instead of five per layer, and weight rows arriving while the serial parts run.  Every output element is
+// computed by the same code in the same order as with one parallel region per stage (the "pooled" run, used
+// where no team forms: one thread, inside another parallel region, LOWBIT_DECODE_TEAM=0), so both give the
+// same bits.
+
+// Everything one layer's step reads and writes.
+struct LayerPlan {
+  StepLinear qkv, o, gu, down;
+  const float *ln1, *ln2, *qkv_bias = nullptr, *o_bias = nullptr, *q_norm = nullptr, *k_norm = nullptr;
+  float *K, *V;
+  int64_t* lenp;
+  int64_t nh, nkv, hd, Lmax, pos, I;
+  double eps, qk_eps;
+  float scaling;
+  size_t attend;               // index into the step's attended-position lists
 };
 
-at::Tensor run(const Linear& L, const at::Tensor& x) {
-  return layer_linear(x, *L.codes, *L.scale, L.zero, L.bits, L.group_size, x.size(1), L.q8);
-}
-
-// One layer; `A` caches the attended positions between the layers of one step (recomputed when the cache
-// length or position differs from the one it was built for).
-at::Tensor layer_step(const at::Tensor& x, at::TensorList w, at::IntArrayRef meta, at::ArrayRef<double> fmeta,
-                      const at::Tensor& keys, const at::Tensor& values, const at::Tensor& length, const at::Tensor& cos,
-                      const at::Tensor& sin, const std::optional<at::Tensor>& mask, Attend& A) {
+LayerPlan plan_layer(int64_t H, at::TensorList w, at::IntArrayRef meta, at::ArrayRef<double> fmeta,
+                     const at::Tensor& keys, const at::Tensor& values, const at::Tensor& length) {
   TORCH_CHECK_VALUE(w.size() == 18 && meta.size() == 15 && fmeta.size() == 3,
                     "lowbit decode_layer: expected 18 tensors, 15 ints and 3 floats");
-  const int64_t nh = meta[0], nkv = meta[1], hd = meta[2];
-  TORCH_CHECK_VALUE(nh > 0 && nkv > 0 && nh % nkv == 0 && hd > 0 && hd % 2 == 0,
-                    "lowbit decode_layer: bad head counts ", nh, "/", nkv, " x ", hd);
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.numel() == x.size(-1), "lowbit decode_layer: x must be "
-                    "float32 with one row, got ", x.sizes());
-  const int64_t H = x.size(-1);
-  TORCH_CHECK_VALUE(keys.dim() == 4 && keys.size(0) == 1 && keys.size(1) == nkv && keys.size(3) == hd &&
+  LayerPlan P;
+  P.nh = meta[0], P.nkv = meta[1], P.hd = meta[2];
+  TORCH_CHECK_VALUE(P.nh > 0 && P.nkv > 0 && P.nh % P.nkv == 0 && P.hd > 0 && P.hd % 2 == 0,
+                    "lowbit decode_layer: bad head counts ", P.nh, "/", P.nkv, " x ", P.hd);
+  TORCH_CHECK_VALUE(keys.dim() == 4 && keys.size(0) == 1 && keys.size(1) == P.nkv && keys.size(3) == P.hd &&
                         keys.is_contiguous() && keys.scalar_type() == at::kFloat && values.sizes() == keys.sizes() &&
                         values.is_contiguous() && values.scalar_type() == at::kFloat,
-                    "lowbit decode_layer: the cache must be contiguous float32 (1, ", nkv, ", L, ", hd, ")");
+                    "lowbit decode_layer: the cache must be contiguous float32 (1, ", P.nkv, ", L, ", P.hd, ")");
   TORCH_CHECK_VALUE(length.numel() == 1 && length.scalar_type() == at::kLong, "lowbit decode_layer: length must be "
                     "one int64");
-  const int64_t Lmax = keys.size(2);
-  int64_t* lenp = length.data_ptr<int64_t>();
-  const int64_t pos = *lenp;
-  TORCH_CHECK_VALUE(pos >= 0 && pos < Lmax, "lowbit decode_layer: cache position ", pos, " outside the cache of ",
-                    Lmax, " tokens");
-  auto lin = [&](int i) {
-    Linear L;
-    L.codes = &w[2 + 3 * i];
-    L.scale = &w[3 + 3 * i];
-    if (present(w[4 + 3 * i])) L.zero = w[4 + 3 * i];
-    L.bits = meta[3 + 3 * i];
-    L.group_size = meta[4 + 3 * i];
-    L.q8 = meta[5 + 3 * i] != 0;
-    return L;
+  P.Lmax = keys.size(2);
+  P.lenp = length.data_ptr<int64_t>();
+  P.pos = *P.lenp;
+  TORCH_CHECK_VALUE(P.pos >= 0 && P.pos < P.Lmax, "lowbit decode_layer: cache position ", P.pos,
+                    " outside the cache of ", P.Lmax, " tokens");
+  P.K = keys.data_ptr<float>();
+  P.V = values.data_ptr<float>();
+  auto bind = [&](StepLinear& s, int i, int64_t in) {
+    std::optional<at::Tensor> zero;
+    if (present(w[4 + 3 * i])) zero = w[4 + 3 * i];
+    bind_step_linear(s, w[2 + 3 * i], w[3 + 3 * i], zero, meta[3 + 3 * i], meta[4 + 3 * i], in, meta[5 + 3 * i] != 0);
   };
-  const Linear qkv_l = lin(0), o_l = lin(1), gu_l = lin(2), down_l = lin(3);
-  const float* ln1 = floats(w[0], H, "input norm weight");
-  const float* ln2 = floats(w[1], H, "post-attention norm weight");
-  const int64_t nq = nh * hd, nk = nkv * hd;
-  const float* cs = floats(cos, hd, "cos");
-  const float* sn = floats(sin, hd, "sin");
-  const at::Tensor xc = x.reshape({1, H}).contiguous();
-  const float* xd = xc.data_ptr<float>();
-
-  prefetch_cache(keys, values, nkv, Lmax, hd, pos);
-  // attention block
-  at::Tensor h = at::empty({1, H}, xc.options());
-  rms_norm(xd, ln1, H, fmeta[0], h.data_ptr<float>());
-  at::Tensor qkv = run(qkv_l, h);
-  TORCH_CHECK_VALUE(qkv.size(1) == nq + 2 * nk, "lowbit decode_layer: q/k/v give ", qkv.size(1), " values, expected ",
-                    nq + 2 * nk);
-  float* q = qkv.data_ptr<float>();
-  float* k = q + nq;
-  const float* v = k + nk;
-  if (present(w[14])) {
-    const float* b = floats(w[14], nq + 2 * nk, "q/k/v bias");
-    for (int64_t i = 0; i < nq + 2 * nk; ++i) q[i] += b[i];
-  }
+  const int64_t nq = P.nh * P.hd, nk = P.nkv * P.hd;
+  bind(P.qkv, 0, H);
+  TORCH_CHECK_VALUE(P.qkv.a.out == nq + 2 * nk, "lowbit decode_layer: q/k/v give ", P.qkv.a.out,
+                    " values, expected ", nq + 2 * nk);
+  bind(P.o, 1, nq);
+  TORCH_CHECK_VALUE(P.o.a.out == H, "lowbit decode_layer: o_proj gives ", P.o.a.out, " values, expected ", H);
+  bind(P.gu, 2, H);
+  TORCH_CHECK_VALUE(P.gu.a.out % 2 == 0, "lowbit decode_layer: gate/up give an odd ", P.gu.a.out, " values");
+  P.I = P.gu.a.out / 2;
+  bind(P.down, 3, P.I);
+  TORCH_CHECK_VALUE(P.down.a.out == H, "lowbit decode_layer: down_proj gives ", P.down.a.out, " values, expected ",
+                    H);
+  P.ln1 = floats(w[0], H, "input norm weight");
+  P.ln2 = floats(w[1], H, "post-attention norm weight");
+  if (present(w[14])) P.qkv_bias = floats(w[14], nq + 2 * nk, "q/k/v bias");
+  if (present(w[15])) P.o_bias = floats(w[15], H, "o bias");
   if (present(w[16])) {
-    const float* qn = floats(w[16], hd, "q norm weight");
-    const float* kn = floats(w[17], hd, "k norm weight");
-    for (int64_t i = 0; i < nh; ++i) rms_norm(q + i * hd, qn, hd, fmeta[1], q + i * hd);
-    for (int64_t i = 0; i < nkv; ++i) rms_norm(k + i * hd, kn, hd, fmeta[1], k + i * hd);
+    P.q_norm = floats(w[16], P.hd, "q norm weight");
+    P.k_norm = floats(w[17], P.hd, "k norm weight");
   }
-  for (int64_t i = 0; i < nh; ++i) rotary(q + i * hd, cs, sn, hd);
-  for (int64_t i = 0; i < nkv; ++i) rotary(k + i * hd, cs, sn, hd);
-  float* K = keys.data_ptr<float>();
-  float* V = values.data_ptr<float>();
-  for (int64_t j = 0; j < nkv; ++j) {
-    std::copy(k + j * hd, k + (j + 1) * hd, K + (j * Lmax + pos) * hd);
-    std::copy(v + j * hd, v + (j + 1) * hd, V + (j * Lmax + pos) * hd);
-  }
-  *lenp = pos + 1;
+  P.eps = fmeta[0];
+  P.qk_eps = fmeta[1];
+  P.scaling = (float)fmeta[2];
+  return P;
+}
 
-  // which cache positions this token attends to, and their additive bias
-  if (A.Lmax != Lmax || A.pos != pos) attend_positions(mask, Lmax, pos, A);
-  const std::vector<int64_t>& live = A.live;
-  const float* bias = A.bias.empty() ? nullptr : A.bias.data();
-  at::Tensor att = at::zeros({1, nq}, xc.options());
-  float* ad = att.data_ptr<float>();
-  const float scaling = (float)fmeta[2];
-  const int64_t group = nh / nkv, n = (int64_t)live.size();
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(n * hd, 1));
-  at::parallel_for(0, nh, grain, [&](int64_t h0, int64_t h1) {
-    std::vector<float> s((size_t)std::max<int64_t>(n, 1));
-    for (int64_t i = h0; i < h1; ++i) {
-      const float* qi = q + i * hd;
-      const float* Kj = K + (i / group) * Lmax * hd;
-      const float* Vj = V + (i / group) * Lmax * hd;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < n; ++c) {
-        const float* kt = Kj + live[c] * hd;
-        s[c] = dot(qi, kt, hd) * scaling + (bias ? bias[live[c]] : 0.f);
-        mx = std::max(mx, s[c]);
+// Pauses a barrier spins before it yields the core at every turn (about 100 us: a stage of a decode step
+// takes 1-30 us, so a yield means the team's threads outnumber the free cores).
+constexpr int64_t kSpins = 1 << 12;
+
+// A spin barrier for a team of T threads.  While it waits, a thread calls idle() until idle() returns false.
+struct Team {
+  int64_t T = 1;
+  alignas(64) std::atomic<int64_t> state{0};      // threads checked in, or -1: no team (they all leave)
+  alignas(64) std::atomic<int64_t> count{0};
+  alignas(64) std::atomic<uint64_t> gen{0};
+
+  template <class Idle>
+  void sync(Idle&& idle) {
+    if (T == 1) return;
+    const uint64_t g = gen.load(std::memory_order_acquire);
+    if (count.fetch_add(1, std::memory_order_acq_rel) == T - 1) {
+      count.store(0, std::memory_order_relaxed);
+      gen.store(g + 1, std::memory_order_release);
+      return;
+    }
+    bool more = true;
+    for (int64_t spins = 0; gen.load(std::memory_order_acquire) == g; ++spins) {
+      if (more)
+        more = idle();
+      else if (spins < kSpins)
+        cpu_relax();
+      else                                         // more threads than free cores: let the others run
+        std::this_thread::yield();
+    }
+  }
+
+  // Every thread of the region calls this first: true once all T have arrived, false (for all) when one of
+  // them holds more than one task (fewer threads than T) or they do not all arrive within 20 ms (a pool that
+  // runs the tasks one after another); no thread has done any work by then.
+  bool check_in(bool one_task) {
+    int64_t s = state.load();
+    while (true) {
+      if (s < 0) return false;
+      if (state.compare_exchange_weak(s, one_task ? s + 1 : -1)) break;
+    }
+    if (!one_task) return false;
+    const auto t0 = std::chrono::steady_clock::now();
+    while (true) {
+      s = state.load();
+      if (s == T) return true;
+      if (s < 0) return false;
+      if (std::chrono::steady_clock::now() - t0 > std::chrono::milliseconds(20) &&
+          state.compare_exchange_strong(s, -1))
+        return false;
+      cpu_relax();
+    }
+  }
+};
+
+// Prefetches (into L2) this thread's rows of a linear's codes, a few lines per call, up to kTeamPrefetch bytes.
+constexpr int64_t kTeamPrefetch = 256 << 10;
+struct RowPrefetch {
+  const char *p = nullptr, *end = nullptr;
+  void aim(const StepLinear& s, int64_t tid, int64_t T) {
+    int64_t o0, o1;
+    step_linear_split(s, tid, T, &o0, &o1);
+    p = reinterpret_cast<const char*>(s.a.codes + o0 * s.a.row_bytes);
+    end = p + std::min<int64_t>((o1 - o0) * s.a.row_bytes, kTeamPrefetch);
+  }
+  bool operator()() {
+    for (int i = 0; i < 8 && p < end; ++i, p += 64) __builtin_prefetch(p, 0, 2);
+    return p < end;
+  }
+};
+
+// What a step's threads share.
+struct Step {
+  std::vector<LayerPlan> plans;
+  std::vector<Attend> attends;
+  StepWorkspace ws;
+  std::vector<float> x, h, qkv, att, o, gu, act, d, scores;   // scores: per thread, max_live floats each
+  int64_t H = 0, max_live = 1;
+  const float *cos = nullptr, *sin = nullptr;
+};
+
+// The step's stages for thread `tid` of a team of T (pooled: one thread, every parallel stage through
+// at::parallel_for as before).
+void run_step(Step& S, Team& team, int64_t tid, bool pooled) {
+  const int64_t T = pooled ? 1 : team.T;
+  const bool lead = tid == 0;
+  RowPrefetch pf;
+  auto nothing = [] { return false; };
+  auto rows = [&](const StepLinear& s) {
+    if (pooled) {
+      at::parallel_for(0, s.a.out, s.grain, [&](int64_t b, int64_t e) { step_linear_rows(s, b, e); });
+    } else {
+      int64_t o0, o1;
+      step_linear_split(s, tid, T, &o0, &o1);
+      step_linear_rows(s, o0, o1);
+    }
+  };
+  const StepLinear* aimed = nullptr;
+  auto wait_for = [&](const StepLinear& next) {         // a barrier, prefetching this thread's rows of `next`
+    if (T == 1) return;
+    if (!lead && aimed != &next) {
+      pf.aim(next, tid, T);
+      aimed = &next;
+    }
+    if (lead)
+      team.sync(nothing);
+    else
+      team.sync(pf);
+  };
+  const int64_t H = S.H;
+  float* x = S.x.data();
+  float* h = S.h.data();
+  for (size_t l = 0; l < S.plans.size(); ++l) {
+    LayerPlan& P = S.plans[l];
+    const int64_t nq = P.nh * P.hd, nk = P.nkv * P.hd;
+    float* q = S.qkv.data();
+    float* k = q + nq;
+    const float* v = k + nk;
+    if (lead) {
+      prefetch_cache(P.K, P.V, P.nkv, P.Lmax, P.hd, P.pos);
+      rms_norm(x, P.ln1, H, P.eps, h);
+      prepare_step_linear(P.qkv, S.ws, h, q);
+    }
+    wait_for(P.qkv);
+    rows(P.qkv);
+    wait_for(P.o);
+    if (lead) {
+      if (P.qkv_bias)
+        for (int64_t i = 0; i < nq + 2 * nk; ++i) q[i] += P.qkv_bias[i];
+      if (P.q_norm) {
+        for (int64_t i = 0; i < P.nh; ++i) rms_norm(q + i * P.hd, P.q_norm, P.hd, P.qk_eps, q + i * P.hd);
+        for (int64_t i = 0; i < P.nkv; ++i) rms_norm(k + i * P.hd, P.k_norm, P.hd, P.qk_eps, k + i * P.hd);
       }
-      if (n == 0 || mx == -std::numeric_limits<float>::infinity()) continue;   // nothing to attend: zeros
-      const float tot = exp_sum(s.data(), n, mx);
-      float* out = ad + i * hd;
-      for (int64_t c = 0; c < n; ++c) {
-        const float p = s[c] / tot;
-        const float* vt = Vj + live[c] * hd;
-        for (int64_t e = 0; e < hd; ++e) out[e] += p * vt[e];
+      for (int64_t i = 0; i < P.nh; ++i) rotary(q + i * P.hd, S.cos, S.sin, P.hd);
+      for (int64_t i = 0; i < P.nkv; ++i) rotary(k + i * P.hd, S.cos, S.sin, P.hd);
+      for (int64_t j = 0; j < P.nkv; ++j) {
+        std::copy(k + j * P.hd, k + (j + 1) * P.hd, P.K + (j * P.Lmax + P.pos) * P.hd);
+        std::copy(v + j * P.hd, v + (j + 1) * P.hd, P.V + (j * P.Lmax + P.pos) * P.hd);
+      }
+      *P.lenp = P.pos + 1;
+      std::fill(S.att.begin(), S.att.begin() + nq, 0.f);
+    }
+    wait_for(P.o);
+    // attention, heads split as at::parallel_for splits them
+    {
+      const Attend& A = S.attends[P.attend];
+      const int64_t n = (int64_t)A.live.size();
+      const float* bias = A.bias.empty() ? nullptr : A.bias.data();
+      const int64_t group = P.nh / P.nkv;
+      const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(n * P.hd, 1));
+      auto heads = [&](int64_t h0, int64_t h1, float* s) {
+        for (int64_t i = h0; i < h1; ++i) {
+          const float* qi = q + i * P.hd;
+          const float* Kj = P.K + (i / group) * P.Lmax * P.hd;
+          const float* Vj = P.V + (i / group) * P.Lmax * P.hd;
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t c = 0; c < n; ++c) {
+            s[c] = dot(qi, Kj + A.live[c] * P.hd, P.hd) * P.scaling + (bias ? bias[A.live[c]] : 0.f);
+            mx = std::max(mx, s[c]);
+          }
+          if (n == 0 || mx == -std::numeric_limits<float>::infinity()) continue;   // nothing to attend: zeros
+          const float tot = exp_sum(s, n, mx);
+          float* out = S.att.data() + i * P.hd;
+          for (int64_t c = 0; c < n; ++c) {
+            const float p = s[c] / tot;
+            const float* vt = Vj + A.live[c] * P.hd;
+            for (int64_t e = 0; e < P.hd; ++e) out[e] += p * vt[e];
+          }
+        }
+      };
+      if (pooled) {
+        at::parallel_for(0, P.nh, grain, [&](int64_t h0, int64_t h1) {
+          std::vector<float> s((size_t)std::max<int64_t>(n, 1));
+          heads(h0, h1, s.data());
+        });
+      } else {
+        int64_t h0, h1;
+        parallel_split(P.nh, grain, tid, T, &h0, &h1);
+        heads(h0, h1, S.scores.data() + tid * S.max_live);
       }
     }
-  });
-  at::Tensor o = run(o_l, att);
-  TORCH_CHECK_VALUE(o.size(1) == H, "lowbit decode_layer: o_proj gives ", o.size(1), " values, expected ", H);
-  at::Tensor x2 = at::empty({1, H}, xc.options());
-  float* x2d = x2.data_ptr<float>();
-  const float* od = o.data_ptr<float>();
-  const float* ob = present(w[15]) ? floats(w[15], H, "o bias") : nullptr;
-  for (int64_t i = 0; i < H; ++i) x2d[i] = xd[i] + (ob ? od[i] + ob[i] : od[i]);
-
-  // MLP block
-  rms_norm(x2d, ln2, H, fmeta[0], h.data_ptr<float>());
-  at::Tensor gu = run(gu_l, h);
-  TORCH_CHECK_VALUE(gu.size(1) % 2 == 0, "lowbit decode_layer: gate/up give an odd ", gu.size(1), " values");
-  const int64_t I = gu.size(1) / 2;
-  at::Tensor act = at::empty({1, I}, xc.options());
-  silu_mul(gu.data_ptr<float>(), gu.data_ptr<float>() + I, I, act.data_ptr<float>());
-  at::Tensor d = run(down_l, act);
-  TORCH_CHECK_VALUE(d.size(1) == H, "lowbit decode_layer: down_proj gives ", d.size(1), " values, expected ", H);
-  const float* dd = d.data_ptr<float>();
-  for (int64_t i = 0; i < H; ++i) x2d[i] += dd[i];
-  return x2.view(x.sizes());
+    wait_for(P.o);
+    if (lead) prepare_step_linear(P.o, S.ws, S.att.data(), S.o.data());
+    wait_for(P.o);
+    rows(P.o);
+    wait_for(P.gu);
+    if (lead) {
+      for (int64_t i = 0; i < H; ++i) x[i] += P.o_bias ? S.o[i] + P.o_bias[i] : S.o[i];
+      rms_norm(x, P.ln2, H, P.eps, h);
+      prepare_step_linear(P.gu, S.ws, h, S.gu.data());
+    }
+    wait_for(P.gu);
+    rows(P.gu);
+    wait_for(P.down);
+    if (lead) {
+      silu_mul(S.gu.data(), S.gu.data() + P.I, P.I, S.act.data());
+      prepare_step_linear(P.down, S.ws, S.act.data(), S.d.data());
+    }
+    wait_for(P.down);
+    rows(P.down);
+    wait_for(l + 1 < S.plans.size() ? S.plans[l + 1].qkv : P.down);
+    if (lead)
+      for (int64_t i = 0; i < H; ++i) x[i] += S.d[i];
+  }
 }
 
-at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, at::IntArrayRef meta, at::ArrayRef<double> fmeta,
-                        at::Tensor& keys, at::Tensor& values, at::Tensor& length, const at::Tensor& cos,
-                        const at::Tensor& sin, const std::optional<at::Tensor>& mask) {
-  Attend A;
-  return layer_step(x, w, meta, fmeta, keys, values, length, cos, sin, mask, A);
+bool team_wanted() {
+  const char* e = std::getenv("LOWBIT_DECODE_TEAM");
+  return !(e && (!std::strcmp(e, "0") || !strcasecmp(e, "false") || !strcasecmp(e, "no") || !strcasecmp(e, "off")));
 }
+
+std::atomic<bool> team_failed{false};   // a team did not form once: this process runs pooled from then on
+std::atomic<int64_t> last_team{0};      // threads of the last step's team (1: pooled; 0: no step yet)
+
+int64_t decode_team_threads() { return last_team.load(); }
 
 at::Tensor decode_layers(const at::Tensor& x, at::TensorList w, at::IntArrayRef meta, at::ArrayRef<double> fmeta,
                          at::TensorList keys, at::TensorList values, at::TensorList lengths, const at::Tensor& cos,
@@ -381,12 +538,77 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList w, at::IntArrayRef 
                         (int64_t)w.size() == 18 * n && (int64_t)meta.size() == 15 * n && (int64_t)fmeta.size() == 3 * n,
                     "lowbit decode_layers: expected per layer 18 tensors, 15 ints, 3 floats and one keys, values and "
                     "length tensor, got ", w.size(), ", ", meta.size(), ", ", fmeta.size(), " for ", n, " layers");
-  Attend A;
-  at::Tensor h = x;
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.numel() == x.size(-1), "lowbit decode_layer: x must be "
+                    "float32 with one row, got ", x.sizes());
   for (int64_t i = 0; i < n; ++i)
-    h = layer_step(h, w.slice(18 * i, 18), meta.slice(15 * i, 15), fmeta.slice(3 * i, 3), keys[i], values[i],
-                   lengths[i], cos, sin, mask, A);
-  return h;
+    for (int64_t j = 0; j < i; ++j)
+      TORCH_CHECK_VALUE(!lengths[i].is_same(lengths[j]) && !keys[i].is_same(keys[j]),
+                        "lowbit decode_layers: layers ", j, " and ", i, " share a cache tensor");
+  Step S;
+  S.H = x.size(-1);
+  S.plans.reserve((size_t)n);
+  int64_t max_qkv = 1, max_nq = 1, max_gu = 1, max_I = 1;
+  for (int64_t i = 0; i < n; ++i) {
+    S.plans.push_back(plan_layer(S.H, w.slice(18 * i, 18), meta.slice(15 * i, 15), fmeta.slice(3 * i, 3), keys[i],
+                                 values[i], lengths[i]));
+    LayerPlan& P = S.plans.back();
+    size_t a = 0;
+    while (a < S.attends.size() && !(S.attends[a].Lmax == P.Lmax && S.attends[a].pos == P.pos)) ++a;
+    if (a == S.attends.size()) {
+      S.attends.emplace_back();
+      attend_positions(mask, P.Lmax, P.pos, S.attends.back());
+    }
+    P.attend = a;
+    S.max_live = std::max<int64_t>(S.max_live, (int64_t)S.attends[a].live.size());
+    for (const StepLinear* s : {&P.qkv, &P.o, &P.gu, &P.down}) reserve_step_workspace(S.ws, *s);
+    max_qkv = std::max(max_qkv, P.qkv.a.out);
+    max_nq = std::max(max_nq, P.nh * P.hd);
+    max_gu = std::max(max_gu, P.gu.a.out);
+    max_I = std::max(max_I, P.I);
+    floats(cos, P.hd, "cos");
+    floats(sin, P.hd, "sin");
+  }
+  S.cos = cos.data_ptr<float>();
+  S.sin = sin.data_ptr<float>();
+  const at::Tensor xc = x.reshape({1, S.H}).contiguous();
+  S.x.assign(xc.data_ptr<float>(), xc.data_ptr<float>() + S.H);
+  S.h.resize((size_t)S.H);
+  S.qkv.resize((size_t)max_qkv);
+  S.att.resize((size_t)max_nq);
+  S.o.resize((size_t)S.H);
+  S.gu.resize((size_t)max_gu);
+  S.act.resize((size_t)max_I);
+  S.d.resize((size_t)S.H);
+
+  Team team;
+  const int64_t T = at::get_num_threads();
+  bool done = false;
+  if (T > 1 && !at::in_parallel_region() && team_wanted() && !team_failed.load()) {
+    team.T = T;
+    S.scores.resize((size_t)(T * S.max_live));
+    at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+      if (team.check_in(e - b == 1)) run_step(S, team, b, false);
+    });
+    done = team.state.load() == T;
+    if (!done) {                                 // nothing ran: the pooled run below starts from the same state
+      team_failed.store(true);
+      TORCH_WARN_ONCE("lowbit decode_layers: no team of ", T, " threads formed in one parallel region; decoding "
+                      "with a parallel region per stage from now on");
+    }
+  }
+  if (!done) run_step(S, team, 0, true);
+  last_team.store(done ? T : 1);
+  at::Tensor y = at::empty_like(xc);
+  std::copy(S.x.begin(), S.x.end(), y.data_ptr<float>());
+  return y.view(x.sizes());
+}
+
+at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, at::IntArrayRef meta, at::ArrayRef<double> fmeta,
+                        at::Tensor& keys, at::Tensor& values, at::Tensor& length, const at::Tensor& cos,
+                        const at::Tensor& sin, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK_VALUE(w.size() == 18 && meta.size() == 15 && fmeta.size() == 3,
+                    "lowbit decode_layer: expected 18 tensors, 15 ints and 3 floats");
+  return decode_layers(x, w, meta, fmeta, {keys}, {values}, {length}, cos, sin, mask);
 }
 
 // y = x @ w.T (+ bias) for a few rows of x and an fp32 weight: a memory-bound GEMV over output rows split
@@ -426,6 +648,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const std::optio
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("decode_team_threads() -> int", &lowbit_fused::decode_team_threads);
   m.def(
       "decode_layer(Tensor x, Tensor[] w, int[] meta, float[] fmeta, Tensor(a!) keys, Tensor(b!) values, "
       "Tensor(c!) length, Tensor cos, Tensor sin, Tensor? mask) -> Tensor");

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <cstdlib>
 #include <memory>
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "fused_common.h"
+#include "fused_step.h"
 
 namespace lowbit_fused {
 namespace {
@@ -318,6 +320,19 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& codes, const at
   return y;
 }
 
+// One row of x for the int8-activation kernel: its first P columns quantized (xq, sxv) and the sum of the
+// quantized x over each group (xs, through bsum: P / 32 floats of scratch).  The zero point's term uses that
+// sum, so the result is exactly W @ dequant(xq): its error scales with q - z, not with q.
+void quantize_row_q8(const Args& a, bool vnni, const float* x, int8_t* xq, float* sxv, float* xs, float* bsum) {
+  (vnni ? quantize_x_vnni : quantize_x_avx2)(x, a.P, xq, sxv, bsum);
+  for (int64_t g = 0; g < a.G; ++g) {
+    const int64_t b0 = g * a.gw / 32, b1 = std::min((g + 1) * a.gw, a.P) / 32;
+    float t = 0.f;
+    for (int64_t b = b0; b < b1; ++b) t += bsum[b];
+    xs[g] = t;
+  }
+}
+
 // x @ W.T with x quantized to int8 per 32 columns (fused_vnni.cpp with VNNI, else fused_q8_avx2.cpp); codes in repack layout 1.  Rows of x
 // are taken 8 at a time; groups must be per channel or a multiple of 64 columns.
 at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
@@ -345,17 +360,8 @@ at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const
   float* sxv = f_buf.data();
   float* xs = sxv + m * nch * 16;
   float* bsum = xs + m * a.G;
-  for (int64_t r = 0; r < m; ++r) {
-    (vnni ? quantize_x_vnni : quantize_x_avx2)(xd + r * in_features, P, xq + r * P, sxv + r * nch * 16, bsum);
-    // the zero point's term uses the sum of the quantized x, so the result is exactly W @ dequant(xq): its
-    // error scales with q - z, not with q
-    for (int64_t g = 0; g < a.G; ++g) {
-      const int64_t b0 = g * a.gw / 32, b1 = std::min((g + 1) * a.gw, P) / 32;
-      float t = 0.f;
-      for (int64_t b = b0; b < b1; ++b) t += bsum[b];
-      xs[r * a.G + g] = t;
-    }
-  }
+  for (int64_t r = 0; r < m; ++r)
+    quantize_row_q8(a, vnni, xd + r * in_features, xq + r * P, sxv + r * nch * 16, xs + r * a.G, bsum);
   const int64_t grain = gemv_grain(a, m);
   for (int64_t r0 = 0; r0 < m; r0 += 8) {
     Q8Args q;
@@ -392,18 +398,128 @@ int64_t fused_parallel_threads(int64_t n) {
 
 }  // namespace
 
-// One linear layer of a fused decoder layer (fused_layer.cpp): the GEMV of grouped_linear (best ISA) or, with
-// q8, of grouped_linear_q8, called without the dispatcher.
-at::Tensor layer_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                        const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size, int64_t in_features,
-                        bool q8) {
-  if (q8) return grouped_linear_q8(x, codes, scale, zero, bits, group_size, in_features, ISA_AUTO);
-  return grouped_linear(x, codes, scale, zero, bits, group_size, in_features, ISA_AUTO, 1);
+// ---- one linear of a fused decode step, for a team of threads (fused_step.h) ---------------------------
+
+void parallel_split(int64_t n, int64_t grain, int64_t tid, int64_t T, int64_t* b, int64_t* e) {
+  *b = *e = 0;
+  if (n <= 0) return;
+  if (n <= grain || n == 1 || T <= 1) {                 // at::parallel_for runs it on the calling thread
+    if (tid == 0) *e = n;
+    return;
+  }
+  const int64_t nt = std::min<int64_t>(T, (n + grain - 1) / std::max<int64_t>(grain, 1));
+  const int64_t chunk = (n + nt - 1) / nt;
+  *b = std::min(n, tid * chunk);
+  *e = std::min(n, *b + chunk);
+}
+
+void bind_step_linear(StepLinear& s, const at::Tensor& codes, const at::Tensor& scale,
+                      const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size, int64_t in_features,
+                      bool q8) {
+  Layer L = make_layer(codes, scale, zero, bits, group_size, in_features);
+  s.codes = L.codes;
+  s.scale = L.scale;
+  s.zero = L.zero;
+  s.a = L.a;
+  s.a.m = 1;
+  s.q8 = q8;
+  if (q8) {
+    const int q8isa = q8_isa(ISA_AUTO);
+    TORCH_CHECK(q8isa != ISA_SCALAR, "lowbit fused kernel: the int8-activation kernel needs AVX2 (or AVX-512 VNNI), "
+                "which this CPU lacks");
+    TORCH_CHECK_VALUE(s.a.G == 1 || s.a.gw % 64 == 0, "lowbit fused kernel: the int8-activation kernel needs "
+                      "per-channel scales or groups of a multiple of 64 columns, got group ", group_size);
+    s.vnni = q8isa == ISA_AVX512;
+  }
+  s.isa = resolve_isa(ISA_AUTO);
+  s.grain = gemv_grain(s.a, 1);
+}
+
+void reserve_step_workspace(StepWorkspace& w, const StepLinear& s) {
+  const int64_t nch = s.a.P / 64, nb = s.a.P / 32;
+  w.xq.resize(std::max<size_t>(w.xq.size(), (size_t)std::max<int64_t>(s.a.P, 1)));
+  w.f.resize(std::max<size_t>(w.f.size(), (size_t)(nch * 16 + s.a.G + nb + 1)));
+}
+
+void prepare_step_linear(StepLinear& s, StepWorkspace& w, const float* x, float* y) {
+  Args& a = s.a;
+  a.x = x;
+  a.y = y;
+  if (s.q8) {
+    const int64_t nch = a.P / 64;
+    float* sxv = w.f.data();
+    float* xs = sxv + nch * 16;
+    quantize_row_q8(a, s.vnni, x, w.xq.data(), sxv, xs, xs + a.G);
+    s.q.a = a;
+    s.q.xq = w.xq.data();
+    s.q.sxv = sxv;
+    s.q.xs = xs;
+  } else if (s.isa >= ISA_AVX2 && vector_groups(a)) {   // the AVX2 GEMV's group sums, as run_gemv
+    group_sums(a, x, 1, w.f.data());
+    a.xsum = w.f.data();
+  } else {
+    a.xsum = nullptr;
+  }
+}
+
+void step_linear_rows(const StepLinear& s, int64_t o0, int64_t o1) {
+  if (o0 >= o1) return;
+  if (s.q8) {
+    if (s.vnni)
+      gemv_q8_vnni(s.q, o0, o1);
+    else
+      gemv_q8_avx2(s.q, o0, o1);
+  } else {
+    gemv_dispatch(s.a, s.isa, o0, o1);
+  }
+}
+
+void step_linear_split(const StepLinear& s, int64_t tid, int64_t T, int64_t* o0, int64_t* o1) {
+  parallel_split(s.a.out, s.grain, tid, T, o0, o1);
+}
+
+// Seconds per call, for each of `passes` passes, of one-row GEMVs over copies of a layer called back to back
+// (the kernels benchmark's "in C++" stream figure: what a decode step pays per linear without a Python call
+// around it).  Every call is what a decode step's pooled stage does: x prepared on this thread, then the rows
+// in one at::parallel_for.  zeros[i] empty: symmetric.
+std::vector<double> time_linear_stream(const at::Tensor& x, at::TensorList codes, at::TensorList scales,
+                                       at::TensorList zeros, int64_t bits, int64_t group_size, int64_t in_features,
+                                       bool q8, int64_t passes) {
+  const size_t n = codes.size();
+  TORCH_CHECK_VALUE(n > 0 && scales.size() == n && zeros.size() == n && passes >= 1,
+                    "lowbit time_linear_stream: one scale and zero tensor per codes tensor, passes >= 1");
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() == in_features,
+                    "lowbit time_linear_stream: x must be one contiguous float32 row of ", in_features);
+  std::vector<StepLinear> lin(n);
+  StepWorkspace ws;
+  int64_t out = 0;
+  for (size_t i = 0; i < n; ++i) {
+    std::optional<at::Tensor> zero;
+    if (zeros[i].defined() && zeros[i].numel() > 0) zero = zeros[i];
+    bind_step_linear(lin[i], codes[i], scales[i], zero, bits, group_size, in_features, q8);
+    reserve_step_workspace(ws, lin[i]);
+    out = std::max(out, lin[i].a.out);
+  }
+  std::vector<float> y((size_t)out);
+  std::vector<double> per_call;
+  for (int64_t p = 0; p < passes; ++p) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (size_t i = 0; i < n; ++i) {
+      prepare_step_linear(lin[i], ws, x.data_ptr<float>(), y.data());
+      const StepLinear& s = lin[i];
+      at::parallel_for(0, s.a.out, s.grain, [&](int64_t b, int64_t e) { step_linear_rows(s, b, e); });
+    }
+    per_call.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / (double)n);
+  }
+  return per_call;
 }
 
 }  // namespace lowbit_fused
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
+  m.def(
+      "time_linear_stream(Tensor x, Tensor[] codes, Tensor[] scales, Tensor[] zeros, int bits, int group_size, "
+      "int in_features, bool q8, int passes) -> float[]");
   m.def("grouped_repack(Tensor codes, int bits, int in_features, int layout=0) -> Tensor");
   m.def(
       "grouped_linear_q8(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int bits, int group_size, "
@@ -421,4 +537,5 @@ TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("grouped_repack", &lowbit_fused::grouped_repack);
   m.impl("grouped_linear", &lowbit_fused::grouped_linear);
   m.impl("grouped_linear_q8", &lowbit_fused::grouped_linear_q8);
+  m.impl("time_linear_stream", &lowbit_fused::time_linear_stream);
 }
