@@ -9,6 +9,7 @@ import torch
 from conftest import FAMILIES, VOCAB, assert_save_reload_generate, tiny_model
 
 from lowbit.errors import RecipeError
+from lowbit.kernels import _ext
 from lowbit.formats import QuantSpec, expand_groups
 from lowbit.models.adapters import get_adapter
 from lowbit.pipeline import (
@@ -85,19 +86,25 @@ def test_learned_weight_stays_in_range_and_reproduces_its_start():
     torch.testing.assert_close(fmt.dequantize(), lw().detach(), rtol=0, atol=2e-2 * w.abs().max().item())
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("group, sym", [(128, False), (32, True), (-1, False)])
-def test_learned_weight_matches_the_plain_formula_on_ragged_groups(group, sym):
-    """The fake-quantized weight (built from broadcast views) equals the module docstring's formula with each
-    group's scale and zero gathered per column (indexing by group), in value and in every parameter's gradient;
-    the group ranges equal a per-group min/max with zero included. 200 columns: a ragged last group at 128 and 32."""
+def test_learned_weight_matches_the_plain_formula_on_ragged_groups(group, sym, fused):
+    """The fake-quantized weight (the C++ pass of ``fake_quant`` where the extension is built, else built from
+    broadcast views) equals the module docstring's formula with each group's scale and zero gathered per column
+    (indexing by group), in value and in every parameter's gradient; the group ranges equal a per-group min/max
+    with zero included. 200 columns: a ragged last group at 128 and 32."""
+    if fused and not _ext.available():
+        pytest.skip("the fused extension is unavailable")
     g = torch.Generator().manual_seed(3)
     w = torch.randn(12, 200, generator=g)
     spec = QuantSpec(3, group, sym, not sym)
     lw = LearnedWeight(w, rtn(w, spec), spec, LearnedSpec())
+    lw.fused = fused
     with torch.no_grad():
         lw.v.uniform_(-0.5, 0.5, generator=g)
         lw.gamma.uniform_(0.8, 1.2, generator=g)
         lw.delta.uniform_(-0.5, 0.5, generator=g) if not sym else None
+        lw.w[0, :50] *= 4                                   # codes clamped at both ends
     upstream = torch.randn(12, 200, generator=g)
 
     def grads(fn):

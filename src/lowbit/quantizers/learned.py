@@ -52,6 +52,34 @@ from lowbit.formats import (
 _FP16_TINY = 6.2e-5
 
 
+class _FakeQuant(torch.autograd.Function):
+    """``ŵ = (clamp(⌊w / s + z + v⌉, 0, maxq) - z) · s`` with per-group ``s, z`` (out, G): one C++ pass forward
+    and one backward (``torch.ops.lowbit.fake_quant``, ``csrc/fused_learn.cpp``), the values of the eager
+    expression bit for bit and its gradients (straight-through round, clamp passing where the code is in
+    range) up to the order of the group sums. ``w`` gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, v: Tensor, s: Tensor, z: Tensor, width: int, maxq: int) -> Tensor:
+        ctx.save_for_backward(w, v, s, z)
+        ctx.consts = (width, maxq)
+        return torch.ops.lowbit.fake_quant(w, v, s, z, width, maxq)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w, v, s, z = ctx.saved_tensors
+        gv, gs, gz = torch.ops.lowbit.fake_quant_backward(grad, w, v, s, z, *ctx.consts)
+        return None, gv, gs, gz, None, None
+
+
+def _fused_fake_quant(w: Tensor) -> bool:
+    """Whether :class:`_FakeQuant` runs for ``w``: lowbit's extension is built and ``w`` is fp32 on the CPU."""
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        return False
+    from lowbit.kernels import _ext
+
+    return _ext.available()
+
+
 def _ste_round(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
@@ -134,6 +162,7 @@ class LearnedWeight(nn.Module):
         self.v = nn.Parameter(v0.clamp(-0.5, 0.5) if not wide else v0)
         self.gamma = nn.Parameter(torch.ones_like(self.s0))
         self.delta = nn.Parameter(torch.zeros_like(self.z0), requires_grad=not spec.symmetric)
+        self.fused = True                                  # False: the eager expression (tests compare the two)
 
     # -- equivalent scaling (module docstring) -------------------------------------------
     def scale_inputs(self, log_c: Tensor) -> None:
@@ -187,9 +216,12 @@ class LearnedWeight(nn.Module):
         s, z = self._params(None if c is None else w)
         s = s + (s.half().float() - s).detach()            # the stored fp16 values, gradients straight through
         z = z + (z.half().float() - z).detach()
-        s, z = expand_groups(s, self.spec, w.shape[1]), expand_groups(z, self.spec, w.shape[1])
-        q = torch.clamp(_ste_round(w / s + z + self.v), 0, self.spec.maxq)
-        w_hat = (q - z) * s
+        if c is None and self.fused and _fused_fake_quant(w):   # one C++ pass each way, the same values
+            w_hat = _FakeQuant.apply(w, self.v, s.contiguous(), z.contiguous(), self.width, self.spec.maxq)
+        else:
+            s, z = expand_groups(s, self.spec, w.shape[1]), expand_groups(z, self.spec, w.shape[1])
+            q = torch.clamp(_ste_round(w / s + z + self.v), 0, self.spec.maxq)
+            w_hat = (q - z) * s
         if self.mask is not None:
             w_hat = torch.where(self.mask, w, w_hat)
         return w_hat if c is None else w_hat / c
