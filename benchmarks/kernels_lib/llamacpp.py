@@ -11,7 +11,7 @@ A benchmark dependency only, never lowbit's. Everything lives in ``lowbit.cache.
 
 The build is CMake + the llama.cpp sources vendored in the llama-cpp-python sdist, Release,
 static, ``GGML_NATIVE=OFF`` with each CPU feature option the vendored version has turned on
-explicitly from ``/proc/cpuinfo`` (a native build can emit instructions that some machines
+explicitly from ``/proc/cpuinfo`` (AMX excepted, see ``OFF_OPTIONS``; a native build can emit instructions that some machines
 sharing a cache fault on), no curl/OpenSSL, only the two tools built, under ``nice -n 19`` with
 ``-j 2``. The feature key names the best x86 level and hashes the options and the compiler, so
 machines with other CPUs never share a build.
@@ -45,9 +45,12 @@ CPU_OPTIONS = {
     "GGML_F16C": ("f16c",), "GGML_BMI2": ("bmi2",), "GGML_AVX_VNNI": ("avx_vnni",),
     "GGML_AVX512": ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"),
     "GGML_AVX512_VBMI": ("avx512vbmi",), "GGML_AVX512_VNNI": ("avx512_vnni",),
-    "GGML_AVX512_BF16": ("avx512_bf16",), "GGML_AMX_TILE": ("amx_tile",), "GGML_AMX_INT8": ("amx_int8",),
-    "GGML_AMX_BF16": ("amx_bf16",),
+    "GGML_AVX512_BF16": ("avx512_bf16",),
 }
+# Off even where the CPU lists them: built with GGML_AMX_*, llama-bench died of SIGILL on the Q8_0 and Q4_0
+# GGUFs on an Intel Xeon VM whose cpuinfo lists amx_tile/amx_int8/amx_bf16 (2026-12-05; F32 ran). lowbit's
+# kernels do not use AMX either.
+OFF_OPTIONS = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
 ERROR_LINE = re.compile(r"CMake Error|fatal error|\berror\b:|FAILED:", re.IGNORECASE)
 # everything else: a static, Release, CPU-only build of the tools without network code
 FIXED_OPTIONS = {"CMAKE_BUILD_TYPE": "Release", "BUILD_SHARED_LIBS": "OFF", "GGML_NATIVE": "OFF",
@@ -118,7 +121,8 @@ def cpu_options() -> dict[str, str]:
     import platform
 
     flags = cpu_flags() if platform.machine().lower() in ("x86_64", "amd64") else set()
-    return {opt: "ON" if set(need) <= flags else "OFF" for opt, need in CPU_OPTIONS.items()}
+    return {**{opt: "ON" if set(need) <= flags else "OFF" for opt, need in CPU_OPTIONS.items()},
+            **{opt: "OFF" for opt in OFF_OPTIONS}}
 
 
 def _compiler() -> str | None:
