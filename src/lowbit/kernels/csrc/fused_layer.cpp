@@ -404,7 +404,7 @@ void run_step(Step& S, Team& team, int64_t tid, bool pooled) {
   auto nothing = [] { return false; };
   auto rows = [&](const StepLinear& s) {
     if (pooled) {
-      at::parallel_for(0, s.a.out, s.grain, [&](int64_t b, int64_t e) { step_linear_rows(s, b, e); });
+      step_linear_pooled(s);
     } else {
       int64_t o0, o1;
       step_linear_split(s, tid, T, &o0, &o1);

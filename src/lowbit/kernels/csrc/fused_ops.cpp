@@ -333,19 +333,25 @@ void quantize_row_q8(const Args& a, bool vnni, const float* x, int8_t* xq, float
   }
 }
 
+// The int8-activation kernel's checks for a layer: this CPU runs it (AVX2 at least) and the groups are per channel
+// or a multiple of 64 columns.  True where it runs with VNNI (fused_vnni.cpp), false with AVX2 (fused_q8_avx2.cpp).
+bool q8_vnni(const Args& a, int64_t isa, int64_t group_size) {
+  const int q8isa = q8_isa(isa);
+  TORCH_CHECK(q8isa != ISA_SCALAR, "lowbit fused kernel: the int8-activation kernel needs AVX2 (or AVX-512 VNNI), "
+              "which this CPU lacks");
+  TORCH_CHECK_VALUE(a.G == 1 || a.gw % 64 == 0, "lowbit fused kernel: the int8-activation kernel needs per-channel "
+                    "scales or groups of a multiple of 64 columns, got group ", group_size);
+  return q8isa == ISA_AVX512;
+}
+
 // x @ W.T with x quantized to int8 per 32 columns (fused_vnni.cpp with VNNI, else fused_q8_avx2.cpp); codes in repack layout 1.  Rows of x
 // are taken 8 at a time; groups must be per channel or a multiple of 64 columns.
 at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                              const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size,
                              int64_t in_features, int64_t isa) {
-  const int q8isa = q8_isa(isa);
-  TORCH_CHECK(q8isa != ISA_SCALAR, "lowbit fused kernel: the int8-activation kernel needs AVX2 (or AVX-512 VNNI), "
-              "which this CPU lacks");
-  const bool vnni = q8isa == ISA_AVX512;
   Layer L = make_layer(codes, scale, zero, bits, group_size, in_features);
   Args& a = L.a;
-  TORCH_CHECK_VALUE(a.G == 1 || a.gw % 64 == 0, "lowbit fused kernel: the int8-activation kernel needs per-channel "
-                    "scales or groups of a multiple of 64 columns, got group ", group_size);
+  const bool vnni = q8_vnni(a, isa, group_size);
   const at::Tensor xc = checked_x(x, a, in_features);
   const int64_t m = xc.size(0), P = a.P, nch = P / 64, nb = P / 32;
   at::Tensor y = at::empty({m, a.out}, xc.options());
@@ -423,14 +429,7 @@ void bind_step_linear(StepLinear& s, const at::Tensor& codes, const at::Tensor& 
   s.a = L.a;
   s.a.m = 1;
   s.q8 = q8;
-  if (q8) {
-    const int q8isa = q8_isa(ISA_AUTO);
-    TORCH_CHECK(q8isa != ISA_SCALAR, "lowbit fused kernel: the int8-activation kernel needs AVX2 (or AVX-512 VNNI), "
-                "which this CPU lacks");
-    TORCH_CHECK_VALUE(s.a.G == 1 || s.a.gw % 64 == 0, "lowbit fused kernel: the int8-activation kernel needs "
-                      "per-channel scales or groups of a multiple of 64 columns, got group ", group_size);
-    s.vnni = q8isa == ISA_AVX512;
-  }
+  if (q8) s.vnni = q8_vnni(s.a, ISA_AUTO, group_size);
   s.isa = resolve_isa(ISA_AUTO);
   s.grain = gemv_grain(s.a, 1);
 }
@@ -474,6 +473,10 @@ void step_linear_rows(const StepLinear& s, int64_t o0, int64_t o1) {
   }
 }
 
+void step_linear_pooled(const StepLinear& s) {
+  at::parallel_for(0, s.a.out, s.grain, [&](int64_t b, int64_t e) { step_linear_rows(s, b, e); });
+}
+
 void step_linear_split(const StepLinear& s, int64_t tid, int64_t T, int64_t* o0, int64_t* o1) {
   parallel_split(s.a.out, s.grain, tid, T, o0, o1);
 }
@@ -506,8 +509,7 @@ std::vector<double> time_linear_stream(const at::Tensor& x, at::TensorList codes
     const auto t0 = std::chrono::steady_clock::now();
     for (size_t i = 0; i < n; ++i) {
       prepare_step_linear(lin[i], ws, x.data_ptr<float>(), y.data());
-      const StepLinear& s = lin[i];
-      at::parallel_for(0, s.a.out, s.grain, [&](int64_t b, int64_t e) { step_linear_rows(s, b, e); });
+      step_linear_pooled(lin[i]);
     }
     per_call.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / (double)n);
   }

@@ -39,6 +39,8 @@ void reserve_step_workspace(StepWorkspace& w, const StepLinear& s);
 // x: in_features floats; y: out floats, written by step_linear_rows.
 void prepare_step_linear(StepLinear& s, StepWorkspace& w, const float* x, float* y);
 void step_linear_rows(const StepLinear& s, int64_t o0, int64_t o1);
+// All its rows, in one at::parallel_for (a step without a team).
+void step_linear_pooled(const StepLinear& s);
 // Rows of thread `tid` of `T`, as at::parallel_for(0, out, grain) splits them (empty past its thread count).
 void step_linear_split(const StepLinear& s, int64_t tid, int64_t T, int64_t* o0, int64_t* o1);
 // The same split for any range and grain.
