@@ -19,6 +19,7 @@ and writes nothing (CI has no GPU: this benchmark is run by hand on a lent GPU m
 
 from __future__ import annotations
 
+import _syspath  # noqa: F401 - first: puts this folder last on sys.path (see benchmarks/_syspath.py)
 import argparse
 import json
 import platform

@@ -87,7 +87,7 @@ from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import _syspath  # noqa: F401 - first: puts this folder last on sys.path (see benchmarks/_syspath.py)
 
 from child import spawn_row, why_no_result
 from kernels_lib.common import Row, Settings, Skip, first_line, pair_name, read_json, write_json

@@ -11,6 +11,7 @@ memory by itself; the offloaded run holds one block (~240 MB fp32) at a time.
 
 from __future__ import annotations
 
+import _syspath  # noqa: F401 - first: puts this folder last on sys.path (see benchmarks/_syspath.py)
 import argparse
 import json
 import subprocess

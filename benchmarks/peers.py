@@ -72,7 +72,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import _syspath  # noqa: F401 - first: puts this folder last on sys.path (see benchmarks/_syspath.py)
 
 from child import spawn_row, why_no_result
 from peers_lib.common import (

@@ -4,7 +4,7 @@ usage: python benchmarks/probe.py NAME 'JSON recipe dict'     (appends to benchm
 example: python benchmarks/probe.py w3-scaling '{"method":"rtn","bits":3,"group_size":128,"int_zero":true,"learned":{"iters":50,"scaling":true}}'"""
 import json, sys, time, logging
 from pathlib import Path
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _syspath  # noqa: F401 - first: puts this folder last on sys.path (see benchmarks/_syspath.py)
 import torch
 import lowbit
 from lowbit.recipe import Recipe

@@ -13,6 +13,7 @@ to start over); results are written to benchmarks/results/spine.{json,md}.
 
 from __future__ import annotations
 
+import _syspath  # noqa: F401 - first: puts this folder last on sys.path (see benchmarks/_syspath.py)
 import argparse
 import json
 import sys
