@@ -119,3 +119,67 @@ def test_pipeline_stacks_only_layers_sharing_a_hessian():
                                                 ("mlp.down_proj",)])
     with_outliers = Recipe.from_dict({**Recipe.resolve("gptq-w4g128").to_dict(), "outliers": 0.01})
     assert all(len(u) == 1 for u in _stacks(refs, stats, get_method("gptq"), with_outliers))
+
+
+needs_ext = pytest.mark.skipif(not __import__("lowbit.kernels._ext", fromlist=["available"]).available(),
+                               reason="lowbit's C++ extension is not built here (LOWBIT_NO_EXT or no compiler)")
+
+
+@needs_ext
+@pytest.mark.parametrize("bits,group,out_f,in_f", [(3, 128, 70, 576), (2, 64, 33, 200), (4, -1, 9, 130),
+                                                   (8, 32, 5, 7), (4, 128, 2, 300)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_column_kernel_matches_the_eager_loop_bit_for_bit(monkeypatch, bits, group, out_f, in_f, threads):
+    """torch.ops.lowbit.gptq_block (act-order / static groups) gives the eager column loop's codes, scales and
+    zeros exactly, ragged blocks and groups included, with and without output-error clipping."""
+    import importlib
+
+    mod = importlib.import_module("lowbit.quantizers.gptq")
+    x = correlated_inputs(n=1024, d=in_f, seed=bits)
+    h = hessian_of(x)
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(out_f)) * 0.05
+    spec = QuantSpec(bits, group, int_zero=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for clip in ("none", "output"):
+            got = {}
+            for kernel in (True, False):
+                monkeypatch.setattr(mod, "USE_KERNEL", kernel)
+                got[kernel] = gptq(w, h, spec, clip=clip, block=48)
+            a, b = got[True], got[False]
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale), (bits, group, clip)
+            assert (a.zero is None) == (b.zero is None) and (a.zero is None or torch.equal(a.zero, b.zero))
+            assert torch.equal(a.dequantize(), b.dequantize())
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_ext
+def test_column_kernel_rejects_bad_shapes():
+    w = torch.zeros(4, 8)
+    with pytest.raises(RuntimeError, match="gptq_block"):
+        torch.ops.lowbit.gptq_block(w, torch.eye(7), torch.ones(4, 8), torch.zeros(4, 8), 15)
+    with pytest.raises(RuntimeError, match="gptq_block"):
+        torch.ops.lowbit.gptq_block(w.double(), torch.eye(8), torch.ones(4, 8), torch.zeros(4, 8), 15)
+
+
+@needs_ext
+@pytest.mark.parametrize("out_f,b", [(37, 128), (64, 45), (1, 1)])
+def test_column_kernel_values_equal_the_eager_arithmetic(out_f, b):
+    """The block's updated weights, codes and errors, not only the codes: every product is rounded before it is
+    subtracted (no fused multiply-add), as the eager loop's outer product and subtraction do."""
+    g = torch.Generator().manual_seed(out_f + b)
+    wb = torch.randn(out_f, b, generator=g)
+    a = torch.randn(b, b, generator=g)
+    ub = torch.linalg.cholesky(a @ a.t() / b + torch.eye(b), upper=True).contiguous()
+    sb = torch.rand(out_f, b, generator=g) * 0.3 + 0.05
+    zb = torch.randint(0, 8, (out_f, b), generator=g).float()
+    w_ref, q_ref, e_ref = wb.clone(), torch.empty_like(wb), torch.empty_like(wb)
+    for i in range(b):
+        q_ref[:, i] = torch.round(w_ref[:, i] / sb[:, i] + zb[:, i]).clamp_(0, 7)
+        e_ref[:, i] = (w_ref[:, i] - (q_ref[:, i] - zb[:, i]) * sb[:, i]) / ub[i, i]
+        w_ref[:, i:] -= torch.outer(e_ref[:, i], ub[i, i:])
+    w = wb.clone()
+    q, e = torch.ops.lowbit.gptq_block(w, ub, sb, zb, 7)
+    assert torch.equal(q, q_ref) and torch.equal(e, e_ref) and torch.equal(w, w_ref)
