@@ -201,7 +201,10 @@ def seed_from_results(rows: list[Row], settings: Settings, work: Path, out: Path
     The work folder is not committed, so on a new checkout only ``benchmarks/results/peers.json``
     holds the rows measured before. A row is taken from it only where the work cache has none
     and its run settings and fingerprint (library version, config, lowbit recipe) still match, so
-    ``--only``/``--redo`` on a new machine rebuild the whole table rather than just their rows.
+    ``--only``/``--redo`` on a new machine rebuild the whole table rather than just their rows. A peer
+    library that is not installed here cannot be rerun, so its published rows are taken whatever
+    version they record (the rest of the fingerprint must still match): without that, a lowbit row
+    rerun in a virtual environment without the peers would drop every peer row from the table.
     """
     try:
         published = json.loads((out / "peers.json").read_text()).get("rows", [])
@@ -213,7 +216,10 @@ def seed_from_results(rows: list[Row], settings: Settings, work: Path, out: Path
         rec = by_name.get(row.name)
         if rec is None or rec.get("status") == "crashed" or (work / "rows" / f"{row.name}.json").exists():
             continue
-        if rec.get("settings") != settings.fingerprint() or rec.get("fingerprint") != row.fingerprint():
+        want, have = row.fingerprint(), dict(rec.get("fingerprint") or {})
+        if want.get("version") is None and row.dist is not None:           # the library is not installed here
+            have["version"] = None
+        if rec.get("settings") != settings.fingerprint() or have != want:
             continue
         _atomic_write_json(work / "rows" / f"{row.name}.json", rec)
         seeded += 1
