@@ -48,7 +48,7 @@ NAME = "lowbit_fused"
 CSRC = Path(__file__).resolve().with_name("csrc")
 SOURCES = ("fused_ops.cpp", "fused_layer.cpp", "fused_scalar.cpp", "fused_avx2.cpp", "fused_avx512.cpp", "fused_vnni.cpp",
            "fused_q8_avx2.cpp", "fused_learn.cpp", "fused_gptq.cpp")
-HEADERS = ("fused_common.h", "fused_step.h")
+HEADERS = ("fused_common.h", "fused_step.h", "rounding.h")
 ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 ISA_NAMES = {1: "scalar", 2: "avx2", 3: "avx512"}
 _BUILD_VERSION = 1                       # bump to force a rebuild without a source change

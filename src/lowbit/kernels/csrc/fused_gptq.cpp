@@ -20,6 +20,8 @@
 #include <functional>
 #include <tuple>
 
+#include "rounding.h"
+
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
@@ -28,14 +30,6 @@
 
 namespace lowbit_fused {
 namespace {
-
-inline float round_half_even(float x) {
-#if defined(__GNUC__) || defined(__clang__)
-  return __builtin_roundevenf(x);
-#else
-  return std::nearbyint(x);
-#endif
-}
 
 // wb (out, b) is updated in place; returns the block's codes (as floats) and scaled errors, both (out, b).
 std::tuple<at::Tensor, at::Tensor> gptq_block(at::Tensor wb, const at::Tensor& ub, const at::Tensor& sb,

@@ -21,16 +21,10 @@
 #include <cmath>
 #include <tuple>
 
+#include "rounding.h"
+
 namespace lowbit_fused {
 namespace {
-
-inline float round_even(float x) {
-#if defined(__GNUC__) || defined(__clang__)
-  return __builtin_roundevenf(x);
-#else
-  return std::nearbyint(x);
-#endif
-}
 
 constexpr int kLanes = 16;
 
@@ -73,7 +67,7 @@ at::Tensor fake_quant(const at::Tensor& w, const at::Tensor& v, const at::Tensor
         float* yr = yd + o * f.in;
         for (int64_t c = c0; c < c1; ++c) {
           const float x = wr[c] / sg + zg + vr[c];
-          const float q = std::min(std::max(round_even(x), 0.f), f.maxq);
+          const float q = std::min(std::max(round_half_even(x), 0.f), f.maxq);
           yr[c] = (q - zg) * sg;
         }
       }
@@ -104,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(const at::Ten
         float ps[kLanes] = {0.f}, pz[kLanes] = {0.f};
         auto one = [&](int64_t c, int l) __attribute__((always_inline)) {
           const float x = wr[c] / sg + zg + vr[c];
-          const float r = round_even(x);
+          const float r = round_half_even(x);
           const float q = std::min(std::max(r, 0.f), f.maxq);
           const float gy = gr[c] * sg;
           const float gx = (r >= 0.f && r <= f.maxq) ? gy : 0.f;
