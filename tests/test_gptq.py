@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from conftest import VOCAB, assert_save_reload_generate, tiny_model
 
 from lowbit.calibrate import Hessian
 from lowbit.formats import QuantSpec
+from lowbit.kernels import _ext
 from lowbit.pipeline import quantize_model
 from lowbit.quantizers import gptq, rtn
 from lowbit.recipe import Recipe
@@ -121,8 +124,8 @@ def test_pipeline_stacks_only_layers_sharing_a_hessian():
     assert all(len(u) == 1 for u in _stacks(refs, stats, get_method("gptq"), with_outliers))
 
 
-needs_ext = pytest.mark.skipif(not __import__("lowbit.kernels._ext", fromlist=["available"]).available(),
-                               reason="lowbit's C++ extension is not built here (LOWBIT_NO_EXT or no compiler)")
+needs_ext = pytest.mark.skipif(not _ext.available(), reason="the fused extension (and so a C++ toolchain) is unavailable")
+gptq_module = importlib.import_module("lowbit.quantizers.gptq")      # the package exports the function as `gptq`
 
 
 @needs_ext
@@ -132,9 +135,6 @@ needs_ext = pytest.mark.skipif(not __import__("lowbit.kernels._ext", fromlist=["
 def test_column_kernel_matches_the_eager_loop_bit_for_bit(monkeypatch, bits, group, out_f, in_f, threads):
     """torch.ops.lowbit.gptq_block (act-order / static groups) gives the eager column loop's codes, scales and
     zeros exactly, ragged blocks and groups included, with and without output-error clipping."""
-    import importlib
-
-    mod = importlib.import_module("lowbit.quantizers.gptq")
     x = correlated_inputs(n=1024, d=in_f, seed=bits)
     h = hessian_of(x)
     w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(out_f)) * 0.05
@@ -145,7 +145,7 @@ def test_column_kernel_matches_the_eager_loop_bit_for_bit(monkeypatch, bits, gro
         for clip in ("none", "output"):
             got = {}
             for kernel in (True, False):
-                monkeypatch.setattr(mod, "USE_KERNEL", kernel)
+                monkeypatch.setattr(gptq_module, "USE_KERNEL", kernel)
                 got[kernel] = gptq(w, h, spec, clip=clip, block=48)
             a, b = got[True], got[False]
             assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale), (bits, group, clip)

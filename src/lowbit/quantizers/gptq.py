@@ -77,32 +77,30 @@ def gptq(weight: Tensor, hessian: Tensor, spec: QuantSpec, damp: float = 0.01, b
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         wb = w[:, i1:i2].clone()                                            # (out, b)
-        err = torch.empty_like(wb)
         ub = u[i1:i2, i1:i2]
-        qb = torch.empty_like(wb)                                           # the block's codes, as floats
         if fixed:                                                           # every column's group parameters, known now
             sb, zb = s32[:, group_of[i1:i2]], z32[:, group_of[i1:i2]]
-            if _column_kernel():                                            # the same loop in one C++ call
-                qb, err = torch.ops.lowbit.gptq_block(wb, ub.contiguous(), sb.contiguous(), zb.contiguous(), spec.maxq)
-                q[:, i1:i2] = qb.to(torch.uint8)
-                w[:, i2:] -= err @ u[i1:i2, i2:]
-                continue
-        for i in range(i2 - i1):
-            col = i1 + i
-            if fixed:
-                s, z = sb[:, i], zb[:, i]
-            else:
-                g = groups[col]
-                if col % gw == 0:                                           # first column of its group (no perm here)
-                    sg, zg = fit(_natural_group(w, wb, i1, i, gw, in_f), col)
-                    scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
-                    s32[:, g], z32[:, g] = sg[:, 0].float(), zg[:, 0].float()
-                s, z = s32[:, g], z32[:, g]
-            qc = qb[:, i]
-            torch.round(wb[:, i] / s + z, out=qc).clamp_(0, spec.maxq)
-            e = err[:, i]
-            torch.sub(wb[:, i], (qc - z) * s, out=e).div_(ub[i, i])
-            wb[:, i:] -= torch.outer(e, ub[i, i:])                          # rank-1 update: products rounded, then subtracted
+        if fixed and _column_kernel():                                      # the loop below in one C++ call, same values
+            qb, err = torch.ops.lowbit.gptq_block(wb, ub.contiguous(), sb.contiguous(), zb.contiguous(), spec.maxq)
+        else:
+            qb = torch.empty_like(wb)                                       # the block's codes, as floats
+            err = torch.empty_like(wb)
+            for i in range(i2 - i1):
+                col = i1 + i
+                if fixed:
+                    s, z = sb[:, i], zb[:, i]
+                else:
+                    g = groups[col]
+                    if col % gw == 0:                                       # first column of its group (no perm here)
+                        sg, zg = fit(_natural_group(w, wb, i1, i, gw, in_f), col)
+                        scale[:, g], zero[:, g] = sg[:, 0], zg[:, 0]
+                        s32[:, g], z32[:, g] = sg[:, 0].float(), zg[:, 0].float()
+                    s, z = s32[:, g], z32[:, g]
+                qc = qb[:, i]
+                torch.round(wb[:, i] / s + z, out=qc).clamp_(0, spec.maxq)
+                e = err[:, i]
+                torch.sub(wb[:, i], (qc - z) * s, out=e).div_(ub[i, i])
+                wb[:, i:] -= torch.outer(e, ub[i, i:])                      # rank-1 update: products rounded, then subtracted
         q[:, i1:i2] = qb.to(torch.uint8)
         w[:, i2:] -= err @ u[i1:i2, i2:]
 
