@@ -29,6 +29,12 @@ Q8_ISAS = sorted({_ext.q8_isa(_ext.ISA_CODES[i]) for i in ("avx2", "avx512")} - 
 # in % 128 == 64 (half 4-bit block), groups of 64 and 256, the head's shape class
 LAYOUTS = [(64, 576, 128), (33, 576, -1), (24, 600, 128), (7, 13, -1), (16, 320, 64), (8, 1536, 256),
            (40, 256, 64), (96, 576, -1)]
+# layout 2's super-chunks of 512 columns: none (in < 512), one and a tail chunk, three and no tail, two and a
+# 4-bit half block; groups of 64, 192 (lanes of one super-chunk in three groups), 1024 (a group over two
+# super-chunks and the tail) and per channel; an fp32 tail (in % 64 != 0) after them
+SUPER_LAYOUTS = [(64, 576, 128), (21, 1536, 192), (9, 1088, 1024), (12, 1536, -1), (10, 1120, 64), (5, 640, 128)]
+# the repack layouts each path reads: 1 on both, 2 on the VNNI one
+PATH_LAYOUTS = [(isa, 1) for isa in Q8_ISAS] + [("avx512", 2)] * ("avx512" in Q8_ISAS)
 
 
 def q8_model(x: torch.Tensor, fmt) -> torch.Tensor:
@@ -39,7 +45,9 @@ def q8_model(x: torch.Tensor, fmt) -> torch.Tensor:
     m = x.shape[0]
     xb = x[:, :P].reshape(m, P // 32, 32)
     amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))          # fp32, as the kernel
+    # 127 / amax divided in fp32, as the kernel (``127.0 / tensor`` is a reciprocal times 127 in torch: 1 ulp off,
+    # enough to move a near-tie of x * inv to the other integer)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     xq = torch.round(xb * inv).clamp(-127, 127).double()
     xhat = (xq * (amax / 127.0).double()).reshape(m, P)
     return xhat @ w[:, :P].T + x[:, P:].double() @ w[:, P:].T
@@ -52,22 +60,22 @@ def threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("isa", Q8_ISAS)
+@pytest.mark.parametrize(("isa", "layout"), PATH_LAYOUTS)
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
-@pytest.mark.parametrize(("out_f", "in_f", "group"), LAYOUTS)
-def test_q8_matches_its_model_and_fp32(threads, isa, bits, out_f, in_f, group):
+@pytest.mark.parametrize(("out_f", "in_f", "group"), sorted(set(LAYOUTS + SUPER_LAYOUTS)))
+def test_q8_matches_its_model_and_fp32(threads, isa, layout, bits, out_f, in_f, group):
     code = _ext.ISA_CODES[isa]
     g = torch.Generator().manual_seed(out_f + in_f + bits)
     for symmetric in (False, True):
         fmt = random_format(out_f, in_f, QuantSpec(bits, group, symmetric), seed=bits + symmetric)
-        plan = _ext.prepare(fmt, layout=1)
+        plan = _ext.prepare(fmt, layout=layout)
         w64 = fmt.dequantize().double()
         for m in (1, 2, 3, 8, 11):
             x = torch.randn(m, in_f, generator=g) + (0.5 if m % 2 else 0.0)
             x[0, : min(32, in_f)] = 0.0                                      # an all-zero block: scale 0
             torch.set_num_threads(1)
             y = _ext.linear_q8(x, plan, isa=code)
-            what = f"{isa} {fmt.spec} {out_f}x{in_f} rows={m}"
+            what = f"{isa} layout {layout} {fmt.spec} {out_f}x{in_f} rows={m}"
             ref = q8_model(x, fmt)
             scale = ref.abs().max().item() + 1e-6
             assert (y.double() - ref).abs().max().item() <= 1e-4 * scale, what + ": differs from the q8 model"

@@ -185,7 +185,7 @@ def _stream(weight: torch.Tensor, formats: dict[str, GroupedInt], in_f: int, rou
             secs = torch.ops.lowbit.time_linear_stream(
                 x[0].contiguous(), [st.codes for st in states], [st.scale for st in states],
                 [torch.empty(0) if st.zero is None else st.zero for st in states], st0.bits, st0.group_size,
-                in_f, kname == "fused_q8", max(5, 3 * rounds))
+                in_f, max(st0.layout, 1) if kname == "fused_q8" else 0, max(5, 3 * rounds))
             cpp[(name, kname)] = min(secs)
     fp32_us = best["fp32"] / per["fp32"] * 1e6
     rows = [{"format": name, "kernel": kname, "m": 1, "cold": False, "stream": True,

@@ -71,7 +71,8 @@ class FusedLayer:
         for lin in linears:
             kernel, plan = lin._decode
             tensors += [plan.codes, plan.scale, empty if plan.zero is None else plan.zero]
-            meta += [plan.bits, plan.group_size, _FUSED_KERNELS[kernel.name]]
+            # 0: the fp32-activation kernel; the int8 one: the repack layout of its codes (1 or 2)
+            meta += [plan.bits, plan.group_size, max(plan.layout, 1) if _FUSED_KERNELS[kernel.name] else 0]
         o_bias = attn.o_proj.bias
         q_norm = getattr(attn, "q_norm", None) if family == "qwen3" else None
         tensors += [empty if qkv.bias is None else qkv.bias.detach().float(),

@@ -213,7 +213,7 @@ class FusedQ8(Fused, register=False):
         return int8_activations()
 
     def prepare(self, fmt):
-        return _ext.prepare(fmt, layout=1) if _ext.q8_available() else None
+        return _ext.prepare(fmt, layout=_ext.q8_layout()) if _ext.q8_available() else None
 
     def _compute(self, x, state):
         return _ext.linear_q8(x, state)

@@ -48,7 +48,50 @@ struct Q8Args {
   const int8_t* xq;        // (m, P) int8
   const float* sxv;        // (m, P / 64, 16): lane l of chunk k = scale of x's 32-column block 2k + l / 8
   const float* xs;         // (m, G): sum of the dequantized x over each group's columns below P
+  int layout = 1;          // the codes' repack layout: 1, or 2 (VNNI only: super-chunks, below)
+  const int8_t* xt = nullptr;   // layout 2: (m, S) x's first S = 512 * floor(P / 512) codes, super-chunk order
+  const float* sxb = nullptr;   // layout 2: (m, P / 32) the scale of each 32-column block of x
 };
+
+// Layout 2 (the VNNI q8 kernel's, 2-4 bits): the first S = 512 * floor(P / 512) columns of a row form
+// super-chunks of 512 columns and 64 * bits bytes.  Chunk k (0..7) of a super-chunk is 64 byte lanes;
+// byte 4i + b of chunk k holds column 32i + 4k + b, so the 32-bit lane i of every chunk covers x's
+// 32-column block i alone and its vpdpbusd sums can stay in int32 over the whole super-chunk (one
+// conversion and one scaling per 512 columns instead of per 64).  x is handed over in the same order
+// (Q8Args::xt).  Bytes of a super-chunk, one 64-byte vector V after another:
+//   4 bits: V0..V3; chunk j (0..3) in the low nibbles of Vj, chunk j + 4 in the high nibbles (16 q)
+//   3 bits: V0 = c0 | c6 bits 0-1 << 3 | c1 << 5;  V1 = c2 | c7 bits 0-1 << 3 | c3 << 5;
+//           V2 = c4 | c6 bit 2 << 3 | c7 bit 2 << 4 | c5 << 5   (each chunk masked in place: 1, 8 or 32 q)
+//   2 bits: V0 = c0 | c1 << 2 | c2 << 4 | c3 << 6;  V1 = c4 | c5 << 2 | c6 << 4 | c7 << 6
+// The columns from S to P follow as a row of in - S columns in layout 1, then the stored tail as ever.
+constexpr int64_t kSuper = 512;
+static inline int64_t super_cols(int64_t P) { return P & ~(kSuper - 1); }
+
+// Byte offset (within its super-chunk) and bit shift of the 3 or fewer bits of column c's code that sit
+// there, for layout 2; *hi_shift >= 0 where 3 bits keep bit 2 of the code elsewhere (at the same byte of V2).
+static inline int64_t super_pos(int64_t c, int bits, int* shift, int* lo_bits, int* hi_shift) {
+  const int64_t w = c & (kSuper - 1);
+  const int i = (int)(w >> 5), k = (int)((w >> 2) & 7), b = (int)(w & 3);
+  const int64_t p = 4 * i + b;
+  *hi_shift = -1;
+  *lo_bits = bits;
+  if (bits == 4) {
+    *shift = 4 * (k >> 2);
+    return 64 * (k & 3) + p;
+  }
+  if (bits == 2) {
+    *shift = 2 * (k & 3);
+    return 64 * (k >> 2) + p;
+  }
+  if (k < 6) {
+    *shift = 5 * (k & 1);
+    return 64 * (k >> 1) + p;
+  }
+  *shift = 3;
+  *lo_bits = 2;
+  *hi_shift = k == 6 ? 3 : 4;
+  return 64 * (k - 6) + p;
+}
 
 // Software prefetch of the code rows [r0, r1) (clamped to r_end) into L1 or L2.  A decode GEMV streams its
 // weights from memory once per token, a few hundred KB per call: too short a stream for the hardware
@@ -183,6 +226,24 @@ static inline void repack_row_q4n(const uint8_t* src, uint8_t* dst, int64_t in, 
   memcpy(dst + P / 2, src + P / 2, (size_t)(row_bytes - P / 2));
 }
 
+// Layout 2 (the VNNI q8 kernel's, 2-4 bits; Q8Args above): super-chunks, then the rest of the row in layout 1.
+static inline void repack_row_super(const uint8_t* src, uint8_t* dst, int bits, int64_t in, int64_t row_bytes) {
+  const int64_t S = super_cols(prefix_cols(in)), head = S / 8 * bits;
+  memset(dst, 0, (size_t)head);
+  for (int64_t c = 0; c < S; ++c) {
+    const unsigned q = stream_code(src, c, bits, row_bytes);
+    int sh, lo, hs;
+    uint8_t* blk = dst + (c / kSuper) * 64 * bits;
+    const int64_t pos = super_pos(c, bits, &sh, &lo, &hs);
+    blk[pos] |= (uint8_t)((q & ((1u << lo) - 1)) << sh);
+    if (hs >= 0) blk[128 + (pos & 63)] |= (uint8_t)(((q >> 2) & 1u) << hs);
+  }
+  if (bits == 4)
+    repack_row_q4n(src + head, dst + head, in - S, row_bytes - head);
+  else
+    repack_row(src + head, dst + head, bits, in - S, row_bytes - head);
+}
+
 // sum_{c in [c0, c1)} w[o, c] * x[r, c] for r < m, added to acc[r]; w computed exactly as the reference
 // dequantization does: (float(q) - z) * s in fp32.  Scalar; used for tails and irregular groups.
 static inline void scalar_dot(const Args& a, int64_t o, int64_t c0, int64_t c1, int64_t m, float* acc) {
@@ -264,7 +325,8 @@ bool dequant_avx2(const Args& a, int64_t o0, int64_t o1, float* w);
 bool gemv_avx512(const Args& a, int64_t o0, int64_t o1);
 bool dequant_avx512(const Args& a, int64_t o0, int64_t o1, float* w);
 bool gemv_q8_vnni(const Q8Args& q, int64_t o0, int64_t o1);
-void quantize_x_vnni(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum);
+// xt, sxb: layout 2's x in super-chunk order and per-block scales (Q8Args), or nullptr
+void quantize_x_vnni(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum, int8_t* xt, float* sxb);
 bool gemv_q8_avx2(const Q8Args& q, int64_t o0, int64_t o1);
 void quantize_x_avx2(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum);
 bool gemm_avx2(const float* xp, int64_t m, int64_t K, const float* w, int64_t n, float* y, int64_t ldy);

@@ -19,6 +19,7 @@
 //   w:     [ln1, ln2, qkv codes, scale, zero, o codes, scale, zero, gate/up codes, scale, zero,
 //           down codes, scale, zero, qkv bias, o bias, q norm, k norm]   (absent: an empty tensor)
 //   meta:  [heads, kv heads, head dim, then per linear (qkv, o, gate/up, down): bits, group size, q8]
+//          (q8: 0 the fp32-activation kernel, 1 or 2 the int8 one with codes in that repack layout)
 //   fmeta: [rms eps, q/k norm eps, attention scaling]
 //   mask:  the attention mask row of this token: bool or integer over the first n <= L cache positions
 //          (nonzero attends; positions from n on do not: a generate() 2-D mask), or additive float over
@@ -287,7 +288,7 @@ LayerPlan plan_layer(int64_t H, at::TensorList w, at::IntArrayRef meta, at::Arra
   auto bind = [&](StepLinear& s, int i, int64_t in) {
     std::optional<at::Tensor> zero;
     if (present(w[4 + 3 * i])) zero = w[4 + 3 * i];
-    bind_step_linear(s, w[2 + 3 * i], w[3 + 3 * i], zero, meta[3 + 3 * i], meta[4 + 3 * i], in, meta[5 + 3 * i] != 0);
+    bind_step_linear(s, w[2 + 3 * i], w[3 + 3 * i], zero, meta[3 + 3 * i], meta[4 + 3 * i], in, meta[5 + 3 * i]);
   };
   const int64_t nq = P.nh * P.hd, nk = P.nkv * P.hd;
   bind(P.qkv, 0, H);

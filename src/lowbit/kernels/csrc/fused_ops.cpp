@@ -278,7 +278,7 @@ void run_tiled(Args a, int isa, const at::Tensor& x, at::Tensor& y) {
 // ---- ops ---------------------------------------------------------------------------------------------
 
 at::Tensor grouped_repack(const at::Tensor& codes, int64_t bits, int64_t in, int64_t layout) {
-  TORCH_CHECK_VALUE(layout == 0 || layout == 1, "lowbit fused kernel: repack layout=", layout, " unknown (0 or 1)");
+  TORCH_CHECK_VALUE(layout >= 0 && layout <= 2, "lowbit fused kernel: repack layout=", layout, " unknown (0, 1 or 2)");
   TORCH_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 8, "lowbit fused kernel: bits=", bits,
                     " unsupported (2, 3, 4 or 8)");
   TORCH_CHECK_VALUE(codes.dim() == 2, "lowbit fused kernel: codes must be 2-D (out, bytes), got ", shape_str(codes));
@@ -290,7 +290,9 @@ at::Tensor grouped_repack(const at::Tensor& codes, int64_t bits, int64_t in, int
   uint8_t* d = dst.data_ptr<uint8_t>();
   at::parallel_for(0, src.size(0), 64, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
-      if (layout == 1 && bits == 4)
+      if (layout == 2)
+        repack_row_super(s + o * row_bytes, d + o * row_bytes, (int)bits, in, row_bytes);
+      else if (layout == 1 && bits == 4)
         repack_row_q4n(s + o * row_bytes, d + o * row_bytes, in, row_bytes);
       else
         repack_row(s + o * row_bytes, d + o * row_bytes, (int)bits, in, row_bytes);
@@ -323,8 +325,13 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& codes, const at
 // One row of x for the int8-activation kernel: its first P columns quantized (xq, sxv) and the sum of the
 // quantized x over each group (xs, through bsum: P / 32 floats of scratch).  The zero point's term uses that
 // sum, so the result is exactly W @ dequant(xq): its error scales with q - z, not with q.
-void quantize_row_q8(const Args& a, bool vnni, const float* x, int8_t* xq, float* sxv, float* xs, float* bsum) {
-  (vnni ? quantize_x_vnni : quantize_x_avx2)(x, a.P, xq, sxv, bsum);
+// Layout 2 also takes x in super-chunk order (xt, super_cols(P) bytes) and the blocks' scales (sxb, P / 32).
+void quantize_row_q8(const Args& a, bool vnni, const float* x, int8_t* xq, float* sxv, float* xs, float* bsum,
+                     int8_t* xt = nullptr, float* sxb = nullptr) {
+  if (vnni)
+    quantize_x_vnni(x, a.P, xq, sxv, bsum, xt, sxb);
+  else
+    quantize_x_avx2(x, a.P, xq, sxv, bsum);
   for (int64_t g = 0; g < a.G; ++g) {
     const int64_t b0 = g * a.gw / 32, b1 = std::min((g + 1) * a.gw, a.P) / 32;
     float t = 0.f;
@@ -334,40 +341,51 @@ void quantize_row_q8(const Args& a, bool vnni, const float* x, int8_t* xq, float
 }
 
 // The int8-activation kernel's checks for a layer: this CPU runs it (AVX2 at least) and the groups are per channel
-// or a multiple of 64 columns.  True where it runs with VNNI (fused_vnni.cpp), false with AVX2 (fused_q8_avx2.cpp).
-bool q8_vnni(const Args& a, int64_t isa, int64_t group_size) {
+// or a multiple of 64 columns; codes in layout 2 need VNNI.  True where it runs with VNNI (fused_vnni.cpp), false
+// with AVX2 (fused_q8_avx2.cpp).
+bool q8_vnni(const Args& a, int64_t isa, int64_t group_size, int64_t layout) {
   const int q8isa = q8_isa(isa);
   TORCH_CHECK(q8isa != ISA_SCALAR, "lowbit fused kernel: the int8-activation kernel needs AVX2 (or AVX-512 VNNI), "
               "which this CPU lacks");
   TORCH_CHECK_VALUE(a.G == 1 || a.gw % 64 == 0, "lowbit fused kernel: the int8-activation kernel needs per-channel "
                     "scales or groups of a multiple of 64 columns, got group ", group_size);
+  TORCH_CHECK_VALUE(layout == 1 || layout == 2, "lowbit fused kernel: the int8-activation kernel reads repack "
+                    "layout 1 or 2, got ", layout);
+  TORCH_CHECK_VALUE(layout == 1 || a.bits == 8 || q8isa == ISA_AVX512, "lowbit fused kernel: codes in repack "
+                    "layout 2 need the AVX-512 VNNI kernel, and this call runs the AVX2 one (repack with layout 1)");
+  TORCH_CHECK_VALUE(a.in < (int64_t(1) << 26), "lowbit fused kernel: in_features=", a.in, " too large for the "
+                    "int8-activation kernel (2**26 at most)");
   return q8isa == ISA_AVX512;
 }
 
-// x @ W.T with x quantized to int8 per 32 columns (fused_vnni.cpp with VNNI, else fused_q8_avx2.cpp); codes in repack layout 1.  Rows of x
-// are taken 8 at a time; groups must be per channel or a multiple of 64 columns.
+// x @ W.T with x quantized to int8 per 32 columns (fused_vnni.cpp with VNNI, else fused_q8_avx2.cpp); codes in repack
+// layout 1, or 2 (VNNI).  Rows of x are taken 8 at a time; groups must be per channel or a multiple of 64 columns.
 at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                              const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size,
-                             int64_t in_features, int64_t isa) {
+                             int64_t in_features, int64_t isa, int64_t layout) {
   Layer L = make_layer(codes, scale, zero, bits, group_size, in_features);
   Args& a = L.a;
-  const bool vnni = q8_vnni(a, isa, group_size);
+  const bool vnni = q8_vnni(a, isa, group_size, layout);
+  const bool super = layout == 2 && bits != 8;
   const at::Tensor xc = checked_x(x, a, in_features);
-  const int64_t m = xc.size(0), P = a.P, nch = P / 64, nb = P / 32;
+  const int64_t m = xc.size(0), P = a.P, nch = P / 64, nb = P / 32, S = super ? super_cols(P) : 0;
   at::Tensor y = at::empty({m, a.out}, xc.options());
   if (m == 0 || a.out == 0) return y.zero_();
   const float* xd = xc.data_ptr<float>();
   // per-thread scratch, grown as needed: a decode step calls this hundreds of times
   thread_local std::vector<int8_t> xq_buf;
   thread_local std::vector<float> f_buf;
-  xq_buf.resize((size_t)std::max<int64_t>(m * P, 1));
-  f_buf.resize((size_t)(m * nch * 16 + m * a.G + nb + 1));
+  xq_buf.resize((size_t)std::max<int64_t>(m * (P + S), 1));
+  f_buf.resize((size_t)(m * nch * 16 + m * a.G + nb + 1 + (super ? m * nb : 0)));
   int8_t* xq = xq_buf.data();
+  int8_t* xt = xq + m * P;
   float* sxv = f_buf.data();
   float* xs = sxv + m * nch * 16;
   float* bsum = xs + m * a.G;
+  float* sxb = bsum + nb + 1;
   for (int64_t r = 0; r < m; ++r)
-    quantize_row_q8(a, vnni, xd + r * in_features, xq + r * P, sxv + r * nch * 16, xs + r * a.G, bsum);
+    quantize_row_q8(a, vnni, xd + r * in_features, xq + r * P, sxv + r * nch * 16, xs + r * a.G, bsum,
+                    super ? xt + r * S : nullptr, super ? sxb + r * nb : nullptr);
   const int64_t grain = gemv_grain(a, m);
   for (int64_t r0 = 0; r0 < m; r0 += 8) {
     Q8Args q;
@@ -378,6 +396,9 @@ at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const
     q.xq = xq + r0 * P;
     q.sxv = sxv + r0 * nch * 16;
     q.xs = xs + r0 * a.G;
+    q.layout = super ? 2 : 1;
+    q.xt = xt + r0 * S;
+    q.sxb = sxb + r0 * nb;
     at::parallel_for(0, a.out, grain, [&](int64_t o0, int64_t o1) {
       if (vnni)
         gemv_q8_vnni(q, o0, o1);
@@ -421,23 +442,24 @@ void parallel_split(int64_t n, int64_t grain, int64_t tid, int64_t T, int64_t* b
 
 void bind_step_linear(StepLinear& s, const at::Tensor& codes, const at::Tensor& scale,
                       const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size, int64_t in_features,
-                      bool q8) {
+                      int64_t q8) {
   Layer L = make_layer(codes, scale, zero, bits, group_size, in_features);
   s.codes = L.codes;
   s.scale = L.scale;
   s.zero = L.zero;
   s.a = L.a;
   s.a.m = 1;
-  s.q8 = q8;
-  if (q8) s.vnni = q8_vnni(s.a, ISA_AUTO, group_size);
+  s.q8 = q8 != 0;
+  s.layout = q8 == 2 && bits != 8 ? 2 : 1;
+  if (q8) s.vnni = q8_vnni(s.a, ISA_AUTO, group_size, s.layout);
   s.isa = resolve_isa(ISA_AUTO);
   s.grain = gemv_grain(s.a, 1);
 }
 
 void reserve_step_workspace(StepWorkspace& w, const StepLinear& s) {
-  const int64_t nch = s.a.P / 64, nb = s.a.P / 32;
-  w.xq.resize(std::max<size_t>(w.xq.size(), (size_t)std::max<int64_t>(s.a.P, 1)));
-  w.f.resize(std::max<size_t>(w.f.size(), (size_t)(nch * 16 + s.a.G + nb + 1)));
+  const int64_t nch = s.a.P / 64, nb = s.a.P / 32, S = s.layout == 2 ? super_cols(s.a.P) : 0;
+  w.xq.resize(std::max<size_t>(w.xq.size(), (size_t)std::max<int64_t>(s.a.P + S, 1)));
+  w.f.resize(std::max<size_t>(w.f.size(), (size_t)(nch * 16 + s.a.G + 2 * nb + 1)));
 }
 
 void prepare_step_linear(StepLinear& s, StepWorkspace& w, const float* x, float* y) {
@@ -445,14 +467,20 @@ void prepare_step_linear(StepLinear& s, StepWorkspace& w, const float* x, float*
   a.x = x;
   a.y = y;
   if (s.q8) {
-    const int64_t nch = a.P / 64;
+    const int64_t nch = a.P / 64, nb = a.P / 32;
+    const bool super = s.layout == 2;
     float* sxv = w.f.data();
     float* xs = sxv + nch * 16;
-    quantize_row_q8(a, s.vnni, x, w.xq.data(), sxv, xs, xs + a.G);
+    float* sxb = xs + a.G + nb + 1;
+    int8_t* xt = w.xq.data() + a.P;
+    quantize_row_q8(a, s.vnni, x, w.xq.data(), sxv, xs, xs + a.G, super ? xt : nullptr, super ? sxb : nullptr);
     s.q.a = a;
     s.q.xq = w.xq.data();
     s.q.sxv = sxv;
     s.q.xs = xs;
+    s.q.layout = s.layout;
+    s.q.xt = xt;
+    s.q.sxb = sxb;
   } else if (s.isa >= ISA_AVX2 && vector_groups(a)) {   // the AVX2 GEMV's group sums, as run_gemv
     group_sums(a, x, 1, w.f.data());
     a.xsum = w.f.data();
@@ -487,7 +515,7 @@ void step_linear_split(const StepLinear& s, int64_t tid, int64_t T, int64_t* o0,
 // in one at::parallel_for.  zeros[i] empty: symmetric.
 std::vector<double> time_linear_stream(const at::Tensor& x, at::TensorList codes, at::TensorList scales,
                                        at::TensorList zeros, int64_t bits, int64_t group_size, int64_t in_features,
-                                       bool q8, int64_t passes) {
+                                       int64_t q8, int64_t passes) {
   const size_t n = codes.size();
   TORCH_CHECK_VALUE(n > 0 && scales.size() == n && zeros.size() == n && passes >= 1,
                     "lowbit time_linear_stream: one scale and zero tensor per codes tensor, passes >= 1");
@@ -521,11 +549,11 @@ std::vector<double> time_linear_stream(const at::Tensor& x, at::TensorList codes
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def(
       "time_linear_stream(Tensor x, Tensor[] codes, Tensor[] scales, Tensor[] zeros, int bits, int group_size, "
-      "int in_features, bool q8, int passes) -> float[]");
+      "int in_features, int q8, int passes) -> float[]");
   m.def("grouped_repack(Tensor codes, int bits, int in_features, int layout=0) -> Tensor");
   m.def(
       "grouped_linear_q8(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int bits, int group_size, "
-      "int in_features, int isa=0) -> Tensor");
+      "int in_features, int isa=0, int layout=1) -> Tensor");
   m.def("fused_q8_available() -> bool", &lowbit_fused::fused_q8_available);
   m.def("fused_q8_isa(int requested=0) -> int", &lowbit_fused::fused_q8_isa);
   m.def(

@@ -27,13 +27,14 @@ struct StepLinear {
   Args a;
   Q8Args q;
   bool q8 = false, vnni = false;
+  int layout = 1;                  // the q8 codes' repack layout (1, or 2 with VNNI)
   int isa = 0;
   int64_t grain = 1;
 };
 
 void bind_step_linear(StepLinear& s, const at::Tensor& codes, const at::Tensor& scale,
                       const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size, int64_t in_features,
-                      bool q8);
+                      int64_t q8);   // q8: 0 the fp32-activation kernel, else the int8 one reading layout q8
 // Sizes the workspace for every layer bound so far (call before the team starts: no allocation inside it).
 void reserve_step_workspace(StepWorkspace& w, const StepLinear& s);
 // x: in_features floats; y: out floats, written by step_linear_rows.
