@@ -44,6 +44,19 @@ def _saved(tmp_path, family: str, preset: str = "w4g64"):
     return path
 
 
+def _saved_wide(tmp_path):
+    """A llama wide enough that every GEMV's rows and the attention heads split over two threads (grain: 64K weights
+    per task; heads: 16K cached floats) and that its 512-column rows form a layout-2 super-chunk, at w4g64."""
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(**{**_COMMON, "hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8,
+                           "num_key_value_heads": 2})
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    report = quantize_model(model, Recipe.resolve("w4g64"), progress=False)
+    path = tmp_path / "wide"
+    checkpoint.save(model, tiny_tokenizer(), path, report, {"spec": "tiny"})
+    return path
+
+
 def _generate(model, ids, new=10, **kw):
     out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_scores=True,
                          return_dict_in_generate=True, **kw)
@@ -310,13 +323,7 @@ def test_team_decode_step_gives_the_bits_of_a_parallel_region_per_stage(tmp_path
         pytest.skip("no int8-activation kernel on this CPU")
     monkeypatch.setenv("LOWBIT_KERNEL", kernel)
     monkeypatch.setenv("LOWBIT_INT8_ACT", "1" if kernel == "fused_q8" else "0")
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(**{**_COMMON, "hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8,
-                           "num_key_value_heads": 2})
-    model = T.AutoModelForCausalLM.from_config(cfg).eval()
-    report = quantize_model(model, Recipe.resolve("w4g64"), progress=False)
-    path = tmp_path / "wide"
-    checkpoint.save(model, tiny_tokenizer(), path, report, {"spec": "tiny"})
+    path = _saved_wide(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -348,3 +355,34 @@ def test_team_decode_step_gives_the_bits_of_a_parallel_region_per_stage(tmp_path
             assert torch.equal(k, k0) and torch.equal(v, v0) and int(n) == int(n0) == 43
     finally:
         torch.set_num_threads(threads)
+
+
+def test_lowbit_isa_forces_the_fused_step_path_too(tmp_path, monkeypatch):
+    """``LOWBIT_ISA=avx2`` forces the AVX2 path on the layers' own calls (the isa argument) and also inside
+    ``decode_layers``, which takes no isa argument: on a VNNI CPU the two int8 paths sum in another order, so the
+    forced step gives other bits (close ones), the same bits run to run."""
+    if _ext.q8_isa(_ext.ISA_CODES["avx512"]) != "avx512":
+        pytest.skip("no AVX-512 VNNI here: both runs would take the AVX2 path")
+    monkeypatch.setenv("LOWBIT_KERNEL", "fused_q8")
+    monkeypatch.setenv("LOWBIT_INT8_ACT", "1")
+    path = _saved_wide(tmp_path)
+    fast = lowbit.load(path)
+    w, meta, fmeta = fast.model._lowbit_fused_stack
+    f0 = fast.model.layers[0]._lowbit_fused
+    g = torch.Generator().manual_seed(7)
+    hd = f0.head_dim
+    x, cs, sn = (torch.randn(1, 1, f0.hidden, generator=g), torch.randn(1, 1, hd, generator=g),
+                 torch.randn(1, 1, hd, generator=g))
+    caches = [(torch.randn(1, f0.kv_heads, 16, hd, generator=g), torch.randn(1, f0.kv_heads, 16, hd, generator=g))
+              for _ in fast.model.layers]
+
+    def step(isa):
+        monkeypatch.setenv("LOWBIT_ISA", isa)
+        ks, vs = [k.clone() for k, _ in caches], [v.clone() for _, v in caches]
+        return torch.ops.lowbit.decode_layers(x, w, meta, fmeta, ks, vs, [torch.tensor(8) for _ in caches], cs, sn,
+                                              None)
+
+    best, avx2 = step("avx512"), step("avx2")
+    assert torch.equal(avx2, step("avx2"))
+    assert not torch.equal(best, avx2)
+    torch.testing.assert_close(avx2, best, rtol=1e-3, atol=1e-3)

@@ -33,8 +33,8 @@ LAYOUTS = [(64, 576, 128), (33, 576, -1), (24, 600, 128), (7, 13, -1), (16, 320,
 # 4-bit half block; groups of 64, 192 (lanes of one super-chunk in three groups), 1024 (a group over two
 # super-chunks and the tail) and per channel; an fp32 tail (in % 64 != 0) after them
 SUPER_LAYOUTS = [(64, 576, 128), (21, 1536, 192), (9, 1088, 1024), (12, 1536, -1), (10, 1120, 64), (5, 640, 128)]
-# the repack layouts each path reads: 1 on both, 2 on the VNNI one
-PATH_LAYOUTS = [(isa, 1) for isa in Q8_ISAS] + [("avx512", 2)] * ("avx512" in Q8_ISAS)
+# both paths read both repack layouts
+PATH_LAYOUTS = [(isa, layout) for isa in Q8_ISAS for layout in (1, 2)]
 
 
 def q8_model(x: torch.Tensor, fmt) -> torch.Tensor:

@@ -341,7 +341,7 @@ def check_format(fmt) -> None:
 def prepare(fmt, layout: int = 0) -> FusedPlan:
     """The plan of :func:`linear` (``layout=0``) or :func:`linear_q8` (``layout=1``: 4-bit codes in the int8
     kernel's nibble order, the other widths as layout 0; ``layout=2``: 2-4 bit codes in super-chunks of 512
-    columns whose int32 sums span a whole block of x, read only by the AVX-512 VNNI path, see
+    columns whose integer sums span a whole block of x, read by both int8 paths, see
     ``csrc/fused_common.h``; :func:`q8_layout` gives the one this CPU runs)."""
     check_format(fmt)
     out_f, in_f = fmt.shape
@@ -387,15 +387,15 @@ def q8_isa(isa: int | None = None) -> str | None:
 
 
 def q8_layout(isa: int | None = None) -> int:
-    """The repack layout of :func:`linear_q8`'s plans here: 2 where it runs AVX-512 VNNI (measured on an Intel
-    Xeon with AVX-512 VNNI, one thread, weights in cache: 0.55-0.75x the time of layout 1 per call at 2-4 bits),
-    else 1."""
-    return 2 if q8_isa(isa) == "avx512" else 1
+    """The repack layout of :func:`linear_q8`'s plans: 2 wherever an int8 path runs (both read it and layout 1;
+    layout 2 measured 0.62-0.90x layout 1's time per call with VNNI, see ``csrc/fused_vnni.cpp``, and less
+    again on the AVX2 path, ``csrc/fused_q8_avx2.cpp``), 1 where none does."""
+    return 2 if q8_isa(isa) is not None else 1
 
 
 def linear_q8(x: Tensor, plan: FusedPlan, isa: int | None = None) -> Tensor:
     """``x @ W.T`` with x quantized per call to int8 per 32 columns (AVX-512 VNNI, or AVX2 without it; ``isa``
-    as in :func:`linear`); ``plan`` from ``prepare(fmt, layout=1)``, or ``layout=2`` for the VNNI path.  Within
+    as in :func:`linear`); ``plan`` from ``prepare(fmt, layout=1)`` or ``layout=2``.  Within
     about 1e-2 of the fp32 result, relative to its norm."""
     try:
         return torch.ops.lowbit.grouped_linear_q8(x, plan.codes, plan.scale, plan.zero, plan.bits, plan.group_size,

@@ -328,7 +328,7 @@ bool gemv_q8_vnni(const Q8Args& q, int64_t o0, int64_t o1);
 // xt, sxb: layout 2's x in super-chunk order and per-block scales (Q8Args), or nullptr
 void quantize_x_vnni(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum, int8_t* xt, float* sxb);
 bool gemv_q8_avx2(const Q8Args& q, int64_t o0, int64_t o1);
-void quantize_x_avx2(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum);
+void quantize_x_avx2(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum, int8_t* xt, float* sxb);
 bool gemm_avx2(const float* xp, int64_t m, int64_t K, const float* w, int64_t n, float* y, int64_t ldy);
 bool gemm_avx512(const float* xp, int64_t m, int64_t K, const float* w, int64_t n, float* y, int64_t ldy);
 

@@ -60,8 +60,23 @@ bool cpu_has_vnni() {
 #endif
 }
 
+// LOWBIT_ISA as the Python side reads it (lowbit.kernels._ext.requested_isa), for the calls that take no isa
+// argument (the fused decode step, time_linear_stream): the same forced path as the layers' own calls.
+int env_isa() {
+  const char* v = std::getenv("LOWBIT_ISA");
+  if (!v || !*v) return ISA_AUTO;
+  std::string s(v);
+  for (auto& c : s) c = (char)std::tolower((unsigned char)c);
+  if (s == "scalar") return ISA_SCALAR;
+  if (s == "avx2") return ISA_AVX2;
+  if (s == "avx512") return ISA_AVX512;
+  return ISA_AUTO;
+}
+
+// requested: ISA_AUTO (LOWBIT_ISA, else the CPU's best), or a code, clamped to what the CPU has.
 int resolve_isa(int64_t requested) {
   const int best = cpu_best_isa();
+  if (requested <= ISA_AUTO) requested = env_isa();
   if (requested <= ISA_AUTO) return best;
   return (int)std::min<int64_t>(requested, best);
 }
@@ -328,10 +343,7 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& codes, const at
 // Layout 2 also takes x in super-chunk order (xt, super_cols(P) bytes) and the blocks' scales (sxb, P / 32).
 void quantize_row_q8(const Args& a, bool vnni, const float* x, int8_t* xq, float* sxv, float* xs, float* bsum,
                      int8_t* xt = nullptr, float* sxb = nullptr) {
-  if (vnni)
-    quantize_x_vnni(x, a.P, xq, sxv, bsum, xt, sxb);
-  else
-    quantize_x_avx2(x, a.P, xq, sxv, bsum);
+  (vnni ? quantize_x_vnni : quantize_x_avx2)(x, a.P, xq, sxv, bsum, xt, sxb);
   for (int64_t g = 0; g < a.G; ++g) {
     const int64_t b0 = g * a.gw / 32, b1 = std::min((g + 1) * a.gw, a.P) / 32;
     float t = 0.f;
@@ -351,8 +363,6 @@ bool q8_vnni(const Args& a, int64_t isa, int64_t group_size, int64_t layout) {
                     "scales or groups of a multiple of 64 columns, got group ", group_size);
   TORCH_CHECK_VALUE(layout == 1 || layout == 2, "lowbit fused kernel: the int8-activation kernel reads repack "
                     "layout 1 or 2, got ", layout);
-  TORCH_CHECK_VALUE(layout == 1 || a.bits == 8 || q8isa == ISA_AVX512, "lowbit fused kernel: codes in repack "
-                    "layout 2 need the AVX-512 VNNI kernel, and this call runs the AVX2 one (repack with layout 1)");
   TORCH_CHECK_VALUE(a.in < (int64_t(1) << 26), "lowbit fused kernel: in_features=", a.in, " too large for the "
                     "int8-activation kernel (2**26 at most)");
   return q8isa == ISA_AVX512;
@@ -409,9 +419,9 @@ at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const
   return y;
 }
 
-bool fused_q8_available() { return q8_isa(ISA_AUTO) != ISA_SCALAR; }
+bool fused_q8_available() { return cpu_best_isa() >= ISA_AVX2; }   // on this CPU, whatever LOWBIT_ISA asks
 
-int64_t fused_cpu_isa(int64_t requested) { return resolve_isa(requested); }
+int64_t fused_cpu_isa(int64_t requested) { return requested <= ISA_AUTO ? cpu_best_isa() : resolve_isa(requested); }
 
 // How many threads at::parallel_for uses here for n tasks of one item each (it should follow
 // torch.set_num_threads: the library shares PyTorch's OpenMP runtime).

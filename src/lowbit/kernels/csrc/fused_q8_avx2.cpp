@@ -1,6 +1,6 @@
 // AVX2 path of the int8-activation ("q8") GEMV: torch.ops.lowbit.grouped_linear_q8 on a CPU without
 // AVX-512 VNNI.  Same inputs and result as fused_vnni.cpp (x quantized per call, per 32 columns, to int8
-// with one fp32 scale; the same repack layout 1; the zero point entering once per group through the sum
+// with one fp32 scale; the same repack layouts 1 and 2; the zero point entering once per group through the sum
 // of the quantized x), so both paths compute W @ dequant(xq) up to fp32 summation order.
 //
 // A 32-column half of a 64-column chunk is decoded to 32 unsigned bytes in column order and multiplied
@@ -79,6 +79,129 @@ LB_INLINE __m256i dot32(__m256i w, __m256i wabs, __m256i x) {
   return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 
+// Layout 2 (fused_common.h), read as two 256-bit halves per chunk: half h of chunk k gives lane i (0..7) columns of
+// x's block 8h + i.  vpmaddubsw's pair sums stay in int16 over the 8 chunks of a super-chunk (each chunk's codes
+// brought down to 0..15 first: |pair| <= 2 * 15 * 127, eight of them 30480 < 32767, exact), then one vpmaddwd
+// with ones gives the int32 sums of the 8 lanes.
+template <int BITS>
+LB_INLINE __m256i super_half_dot(const uint8_t* w, const int8_t* xt) {
+  auto X = [&](int k) __attribute__((always_inline)) { return load32(reinterpret_cast<const uint8_t*>(xt) + 64 * k); };
+  auto V = [&](int j) __attribute__((always_inline)) { return load32(w + 64 * j); };
+  auto field = [](__m256i v, int shift, int mask) __attribute__((always_inline)) {
+    return _mm256_and_si256(shift ? _mm256_srli_epi16(v, shift) : v, _mm256_set1_epi8((char)mask));
+  };
+  __m256i a;
+  if constexpr (BITS == 4) {
+    a = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      const __m256i v = V(j);
+      a = _mm256_add_epi16(a, _mm256_maddubs_epi16(field(v, 0, 15), X(j)));
+      a = _mm256_add_epi16(a, _mm256_maddubs_epi16(field(v, 4, 15), X(j + 4)));
+    }
+  } else if constexpr (BITS == 3) {
+    const __m256i v0 = V(0), v1 = V(1), v2 = V(2);
+    a = _mm256_maddubs_epi16(field(v0, 0, 7), X(0));
+    a = _mm256_add_epi16(a, _mm256_maddubs_epi16(field(v0, 5, 7), X(1)));
+    a = _mm256_add_epi16(a, _mm256_maddubs_epi16(field(v1, 0, 7), X(2)));
+    a = _mm256_add_epi16(a, _mm256_maddubs_epi16(field(v1, 5, 7), X(3)));
+    a = _mm256_add_epi16(a, _mm256_maddubs_epi16(field(v2, 0, 7), X(4)));
+    a = _mm256_add_epi16(a, _mm256_maddubs_epi16(field(v2, 5, 7), X(5)));
+    const __m256i c6 = _mm256_or_si256(field(v0, 3, 3), field(v2, 1, 4));   // bits 0-1 of V0 at 3, bit 2 of V2 at 3
+    const __m256i c7 = _mm256_or_si256(field(v1, 3, 3), field(v2, 2, 4));   // bits 0-1 of V1 at 3, bit 2 of V2 at 4
+    a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c6, X(6)));
+    a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c7, X(7)));
+  } else {
+    const __m256i v0 = V(0), v1 = V(1);
+    a = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      a = _mm256_add_epi16(a, _mm256_maddubs_epi16(field(v0, 2 * j, 3), X(j)));
+      a = _mm256_add_epi16(a, _mm256_maddubs_epi16(field(v1, 2 * j, 3), X(j + 4)));
+    }
+  }
+  return _mm256_madd_epi16(a, _mm256_set1_epi16(1));
+}
+
+// Layout 2's super-chunks of R rows for M rows of x, into tot: per half super-chunk and lane, the int32 sum
+// converted once and scaled by its x block's scale times the weight scale of the lane's group.
+template <int BITS, int M, int R>
+LB_INLINE void q8_super(const Q8Args& q, int64_t o, const uint8_t* const* row, __m256 (*tot)[M]) {
+  const Args& a = q.a;
+  const int64_t S = super_cols(a.P), nb = a.P >> 5;
+  const __m256 mid = _mm256_setr_ps(16, 48, 80, 112, 144, 176, 208, 240);
+  const __m256 inv_gw = _mm256_set1_ps(1.f / (float)a.gw);
+  for (int64_t c0 = 0; c0 < S; c0 += kSuper) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t ch = c0 + 256 * h;
+      // each lane's group from the half's first (gw >= 64: 4 groups at most), (ch + 32 l + 16) / gw in fp32 as
+      // fused_vnni.cpp's q8_super computes it (exact while in < 2**26, checked where the layer is bound)
+      const int64_t gh = ch / a.gw;
+      const __m256i gi = _mm256_sub_epi32(
+          _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_add_ps(_mm256_set1_ps((float)ch), mid), inv_gw)),
+          _mm256_set1_epi32((int)gh));
+      for (int i = 0; i < R; ++i) {
+        const uint16_t* sc = a.scale + (o + i) * a.G + gh;
+        __m256 sv;
+        // 8 scales from the half's first group: past the row's own into the next row's (lanes never use them),
+        // except at the tensor's end
+        if ((o + i) * a.G + gh + 8 <= a.out * a.G) {
+          sv = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc))), gi);
+        } else {
+          int gl[8];
+          float sl[8];
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(gl), gi);
+          for (int l = 0; l < 8; ++l) sl[l] = _cvtsh_ss(sc[gl[l]]);
+          sv = _mm256_loadu_ps(sl);
+        }
+        const uint8_t* w = row[i] + c0 / 8 * BITS + 32 * h;
+        for (int r = 0; r < M; ++r) {
+          const __m256i t = super_half_dot<BITS>(w, q.xt + r * S + c0 + 32 * h);
+          const __m256 sx = _mm256_loadu_ps(q.sxb + r * nb + (ch >> 5));
+          tot[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(sx, sv), tot[i][r]);
+        }
+      }
+    }
+  }
+}
+
+// 8 of a row's fp16 values from group g0 on (lanes past its G groups: whatever follows, never faulting).
+LB_INLINE __m256 groups8(const Args& a, const uint16_t* t, int64_t o, int64_t g0) {
+  const uint16_t* p = t + o * a.G + g0;
+  if (o * a.G + g0 + 8 <= a.out * a.G) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  float f[8];
+  for (int l = 0; l < 8; ++l) f[l] = g0 + l < a.G ? _cvtsh_ss(p[l]) : 0.f;
+  return _mm256_loadu_ps(f);
+}
+
+// The zero point's term s z sum(xhat) of every group of R rows, 8 groups at a time, added to zt.
+template <int M, int R>
+LB_INLINE void zero_terms(const Q8Args& q, int64_t o, float zsym, float (*zt)[M]) {
+  const Args& a = q.a;
+  for (int i = 0; i < R; ++i) {
+    __m256 zacc[M];
+    for (int r = 0; r < M; ++r) zacc[r] = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < a.G; g0 += 8) {
+      const int n = a.G - g0 < 8 ? (int)(a.G - g0) : 8;
+      const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const __m256 z = a.zero ? groups8(a, a.zero, o + i, g0) : _mm256_set1_ps(zsym);
+      const __m256 sz = _mm256_mul_ps(groups8(a, a.scale, o + i, g0), z);
+      for (int r = 0; r < M; ++r)
+        zacc[r] = _mm256_fmadd_ps(sz, _mm256_maskload_ps(q.xs + r * a.G + g0, live), zacc[r]);
+    }
+    for (int r = 0; r < M; ++r) zt[i][r] += hsum(zacc[r]);
+  }
+}
+
+// Rows o .. o + R - 1 of y from their sums (tot) less the zero point's terms (zt), plus the fp32 tail.
+template <int M, int R>
+LB_INLINE void store_rows(const Args& a, int64_t o, __m256 (*tot)[M], float (*zt)[M]) {
+  for (int i = 0; i < R; ++i) {
+    float out[M];
+    for (int r = 0; r < M; ++r) out[r] = hsum(tot[i][r]) - zt[i][r];
+    if (a.P < a.in) scalar_dot(a, o + i, a.P, a.in, M, out);
+    for (int r = 0; r < M; ++r) a.y[r * a.ldy + o + i] = out[r];
+  }
+}
+
 // R output rows at a time (sharing each half chunk of x), M rows of x.
 template <int BITS, int M, int R>
 void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
@@ -134,27 +257,75 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
         for (int r = 0; r < M; ++r) tot[i][r] = _mm256_fmadd_ps(acc[i][r], sv, tot[i][r]);
       }
     }
-    for (int i = 0; i < R; ++i) {
-      float out[M];
-      for (int r = 0; r < M; ++r) out[r] = hsum(tot[i][r]) - zt[i][r];
-      if (a.P < a.in) scalar_dot(a, o + i, a.P, a.in, M, out);
-      for (int r = 0; r < M; ++r) a.y[r * a.ldy + o + i] = out[r];
-    }
+    store_rows<M, R>(a, o, tot, zt);
   }
   if (R > 1 && o < o1) q8_rows<BITS, M, 1>(q, o, o1);
+}
+
+// Layout 2 (2-4 bits, P >= 512), R output rows at a time, M rows of x: the super-chunks, the zero point's terms of
+// every group, then the chunks past the last super-chunk (layout 1 of the rest of the row) one by one, each with
+// its group's weight scale joined to x's scales.
+template <int BITS, int M, int R>
+void q8_rows2(const Q8Args& q, int64_t o0, int64_t o1) {
+  const Args& a = q.a;
+  const int64_t nch = a.P >> 6, kb = super_cols(a.P) >> 6;
+  const int64_t full4 = ((a.P - kb * 64) & ~int64_t(127)) >> 6;    // of the rest
+  int64_t o = o0;
+  prefetch_rows(a.codes, a.row_bytes, o0, o0 + kPrefetchRows, o1);
+  for (; o + R <= o1; o += R) {
+    prefetch_rows(a.codes, a.row_bytes, o + kPrefetchRows, o + kPrefetchRows + R, o1);
+    const uint8_t* row[R];
+    __m256 tot[R][M];
+    float zt[R][M];
+    for (int i = 0; i < R; ++i) {
+      row[i] = a.codes + (o + i) * a.row_bytes;
+      for (int r = 0; r < M; ++r) {
+        tot[i][r] = _mm256_setzero_ps();
+        zt[i][r] = 0.f;
+      }
+    }
+    q8_super<BITS, M, R>(q, o, row, tot);
+    zero_terms<M, R>(q, o, (float)(1 << (BITS - 1)), zt);
+    for (int64_t k = kb; k < nch; ++k) {
+      const int64_t g = k * 64 / a.gw;
+      __m256 sv[R];
+      for (int i = 0; i < R; ++i) sv[i] = _mm256_set1_ps(_cvtsh_ss(a.scale[(o + i) * a.G + g]));
+      for (int h = 0; h < 2; ++h) {
+        __m256i w[R];
+        for (int i = 0; i < R; ++i) w[i] = half_codes<BITS>(row[i] + kb * 8 * BITS, k - kb, h, full4);
+        for (int r = 0; r < M; ++r) {
+          const __m256i xk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.xq + r * a.P + k * 64 + h * 32));
+          const __m256 sx = _mm256_loadu_ps(q.sxv + (r * nch + k) * 16 + h * 8);
+          for (int i = 0; i < R; ++i)
+            tot[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32<BITS>(w[i], w[i], xk)), _mm256_mul_ps(sx, sv[i]),
+                                        tot[i][r]);
+        }
+      }
+    }
+    store_rows<M, R>(a, o, tot, zt);
+  }
+  if (R > 1 && o < o1) q8_rows2<BITS, M, 1>(q, o, o1);
+}
+
+template <int BITS, int M, int R>
+LB_INLINE void q8_rows_of(const Q8Args& q, int64_t o0, int64_t o1) {
+  if constexpr (BITS != 8) {
+    if (q.layout == 2 && q.a.P >= kSuper) return q8_rows2<BITS, M, R>(q, o0, o1);
+  }
+  q8_rows<BITS, M, R>(q, o0, o1);
 }
 
 template <int BITS>
 void q8_m(const Q8Args& q, int64_t o0, int64_t o1) {
   switch (q.a.m) {
-    case 1: q8_rows<BITS, 1, BITS == 8 ? 2 : 4>(q, o0, o1); break;
-    case 2: q8_rows<BITS, 2, 2>(q, o0, o1); break;
-    case 3: q8_rows<BITS, 3, 1>(q, o0, o1); break;
-    case 4: q8_rows<BITS, 4, 1>(q, o0, o1); break;
-    case 5: q8_rows<BITS, 5, 1>(q, o0, o1); break;
-    case 6: q8_rows<BITS, 6, 1>(q, o0, o1); break;
-    case 7: q8_rows<BITS, 7, 1>(q, o0, o1); break;
-    default: q8_rows<BITS, 8, 1>(q, o0, o1); break;
+    case 1: q8_rows_of<BITS, 1, BITS == 8 ? 2 : 4>(q, o0, o1); break;
+    case 2: q8_rows_of<BITS, 2, 2>(q, o0, o1); break;
+    case 3: q8_rows_of<BITS, 3, 1>(q, o0, o1); break;
+    case 4: q8_rows_of<BITS, 4, 1>(q, o0, o1); break;
+    case 5: q8_rows_of<BITS, 5, 1>(q, o0, o1); break;
+    case 6: q8_rows_of<BITS, 6, 1>(q, o0, o1); break;
+    case 7: q8_rows_of<BITS, 7, 1>(q, o0, o1); break;
+    default: q8_rows_of<BITS, 8, 1>(q, o0, o1); break;
   }
 }
 
@@ -163,7 +334,8 @@ void q8_m(const Q8Args& q, int64_t o0, int64_t o1) {
 // As quantize_x_vnni: a row of x (first P columns, P % 64 == 0) -> int8 codes, each chunk's 16 per-lane
 // scales (lanes 0-7 block 2k, 8-15 block 2k + 1), each 32-column block's dequantized sum.  Scale absmax /
 // 127; round half to even (MXCSR default).
-void quantize_x_avx2(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum) {
+void quantize_x_avx2(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum, int8_t* xt, float* sxb) {
+  const int64_t S = super_cols(P);
   const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -194,6 +366,11 @@ void quantize_x_avx2(const float* x, int64_t P, int8_t* xq, float* sxv, float* b
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
     bsum[b] = sx * (float)_mm_cvtsi128_si32(s4);
+    if (sxb) sxb[b] = sx;
+    if (xt && 32 * b < S) {          // layout 2: 4-column group k of block i of super-chunk s -> lane i of chunk k
+      int8_t* d = xt + (32 * b & ~(kSuper - 1)) + 4 * (b & 15);
+      for (int k = 0; k < 8; ++k) memcpy(d + 64 * k, xq + 32 * b + 4 * k, 4);
+    }
   }
 }
 
@@ -214,7 +391,7 @@ bool gemv_q8_avx2(const Q8Args& q, int64_t o0, int64_t o1) {
 
 namespace lowbit_fused {
 bool gemv_q8_avx2(const Q8Args&, int64_t, int64_t) { return false; }
-void quantize_x_avx2(const float*, int64_t, int8_t*, float*, float*) {}
+void quantize_x_avx2(const float*, int64_t, int8_t*, float*, float*, int8_t*, float*) {}
 }  // namespace lowbit_fused
 
 #endif

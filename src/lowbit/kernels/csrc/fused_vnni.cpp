@@ -163,6 +163,27 @@ LB_INLINE void q8_super(const Q8Args& q, int64_t o, const uint8_t* const* row, _
   }
 }
 
+// Rows o .. o + R - 1 of y from their sums (acc) less the zero point's terms (zacc), plus the fp32 tail.
+template <int M, int R>
+LB_INLINE void store_rows(const Args& a, int64_t o, __m512 (*acc)[M], __m512 (*zacc)[M]) {
+  if constexpr (R == 4 && M == 1) {           // the four rows' sums in one transposed reduction
+    float out[4];
+    _mm_storeu_ps(out, reduce4(_mm512_sub_ps(acc[0][0], zacc[0][0]), _mm512_sub_ps(acc[1][0], zacc[1][0]),
+                               _mm512_sub_ps(acc[2][0], zacc[2][0]), _mm512_sub_ps(acc[3][0], zacc[3][0])));
+    for (int i = 0; i < 4; ++i) {
+      if (a.P < a.in) scalar_dot(a, o + i, a.P, a.in, 1, out + i);
+      a.y[o + i] = out[i];
+    }
+  } else {
+    for (int i = 0; i < R; ++i) {
+      float out[M];
+      for (int r = 0; r < M; ++r) out[r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[i][r], zacc[i][r]));
+      if (a.P < a.in) scalar_dot(a, o + i, a.P, a.in, M, out);
+      for (int r = 0; r < M; ++r) a.y[r * a.ldy + o + i] = out[r];
+    }
+  }
+}
+
 // R output rows at a time (sharing each chunk of x), M rows of x.  Each chunk costs one vpdpbusd, one conversion
 // and one FMA per (output row, x row): by x's per-lane scales times the group's weight scale for groups of 64 or
 // 128 columns, by x's scales alone into a group sum that the weight scale multiplies once for longer groups.  The
@@ -173,7 +194,7 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
   const Args& a = q.a;
   const int64_t nch = a.P >> 6;
   const int64_t cpg = a.G == 1 ? (nch > 0 ? nch : 1) : a.gw >> 6;
-  const int64_t full4 = ((a.P - (q.layout == 2 ? super_cols(a.P) : 0)) & ~int64_t(127)) >> 6;  // of the tail
+  const int64_t full4 = (a.P & ~int64_t(127)) >> 6;
   const __m512i zero = _mm512_setzero_si512();
   const float zsym = (float)(1 << (a.bits - 1));
   int64_t o = o0;
@@ -192,16 +213,6 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
       row[i] = a.codes + (o + i) * a.row_bytes;
       for (int r = 0; r < M; ++r) acc[i][r] = zacc[i][r] = _mm512_setzero_ps();
     }
-    // layout 2: the super-chunks first, then chunks [kb, nch) from the layout-1 rest of the row (tail[])
-    int64_t kb = 0;
-    if constexpr (BITS != 8) {
-      if (q.layout == 2) {
-        q8_super<BITS, M, R>(q, o, row, acc);
-        kb = super_cols(a.P) >> 6;
-      }
-    }
-    const uint8_t* tail[R];
-    for (int i = 0; i < R; ++i) tail[i] = row[i] + kb * 8 * BITS;
     int64_t k = 0;
     for (int64_t g0 = 0; k < nch; g0 += 16) {
       // the scales and zero points of up to 16 groups, converted 16 at a time (lanes past the row's groups: 0)
@@ -218,11 +229,6 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
       }
       for (int64_t g = 0; g < ng && k < nch; ++g) {
         const int64_t ke = k + cpg < nch ? k + cpg : nch;
-        if (ke <= kb) {                       // the group lies in the super-chunks
-          k = ke;
-          continue;
-        }
-        if (k < kb) k = kb;
         const __m512i gi = _mm512_set1_epi32((int)g);
         __m512 sv[R], gacc[R][M];
         for (int i = 0; i < R; ++i) sv[i] = _mm512_permutexvar_ps(gi, svec[i]);
@@ -235,7 +241,7 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
             const __m512i xk = _mm512_loadu_si512(q.xq + r * a.P + kk * 64);
             __m512 sx = _mm512_loadu_ps(q.sxv + (r * nch + kk) * 16);
             // the high nibbles of a whole 4-bit block are 16 q: x's scale / 16 (exact) gives the same products
-            if (BITS == 4 && (kk & 1) && kk - kb < full4) sx = _mm512_mul_ps(sx, _mm512_set1_ps(0.0625f));
+            if (BITS == 4 && (kk & 1) && kk < full4) sx = _mm512_mul_ps(sx, _mm512_set1_ps(0.0625f));
             for (int i = 0; i < R; ++i) {
               const __m512 d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, w[i], xk));
               if constexpr (decltype(direct_c)::value)
@@ -248,10 +254,10 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
         // the group's chunks [k, ke), both chunks of a whole 4-bit block from one load
         auto chunks = [&](auto direct_c) __attribute__((always_inline)) {
           if (BITS == 4)
-            for (; k + 2 <= ke && k - kb < full4 && !(k & 1); k += 2) {   // kb is even
+            for (; k + 2 <= ke && k < full4 && !(k & 1); k += 2) {
               __m512i lo[R], hi[R];
               for (int i = 0; i < R; ++i) {
-                const __m512i v = _mm512_loadu_si512(tail[i] + ((k - kb) >> 1) * 64);
+                const __m512i v = _mm512_loadu_si512(row[i] + (k >> 1) * 64);
                 lo[i] = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
                 hi[i] = _mm512_and_si512(v, _mm512_set1_epi8((char)0xf0));   // 16 q, as in chunk_codes
               }
@@ -260,7 +266,7 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
             }
           for (; k < ke; ++k) {
             __m512i w[R];
-            for (int i = 0; i < R; ++i) w[i] = chunk_codes<BITS>(tail[i], k - kb, full4);
+            for (int i = 0; i < R; ++i) w[i] = chunk_codes<BITS>(row[i], k, full4);
             step(direct_c, k, w);
           }
         };
@@ -275,38 +281,84 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
           for (int r = 0; r < M; ++r) acc[i][r] = _mm512_fmadd_ps(gacc[i][r], sv[i], acc[i][r]);
       }
     }
-    if constexpr (R == 4 && M == 1) {           // the four rows' sums in one transposed reduction
-      float out[4];
-      _mm_storeu_ps(out, reduce4(_mm512_sub_ps(acc[0][0], zacc[0][0]), _mm512_sub_ps(acc[1][0], zacc[1][0]),
-                                 _mm512_sub_ps(acc[2][0], zacc[2][0]), _mm512_sub_ps(acc[3][0], zacc[3][0])));
-      for (int i = 0; i < 4; ++i) {
-        if (a.P < a.in) scalar_dot(a, o + i, a.P, a.in, 1, out + i);
-        a.y[o + i] = out[i];
-      }
-    } else {
-      for (int i = 0; i < R; ++i) {
-        float out[M];
-        for (int r = 0; r < M; ++r) out[r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[i][r], zacc[i][r]));
-        if (a.P < a.in) scalar_dot(a, o + i, a.P, a.in, M, out);
-        for (int r = 0; r < M; ++r) a.y[r * a.ldy + o + i] = out[r];
-      }
-    }
+    store_rows<M, R>(a, o, acc, zacc);
   }
   if (R > 1 && o < o1) q8_rows<BITS, M, 1>(q, o, o1);
+}
+
+// Layout 2 (2-4 bits, P >= 512), R output rows at a time, M rows of x: the super-chunks, the zero point's terms of
+// every group (16 at a time), then the chunks past the last super-chunk (layout 1 of the rest of the row) one by
+// one, each with its group's weight scale joined to x's scales.  A function of its own: run inside q8_rows's group
+// loop (skipping the groups the super-chunks cover) the super-chunks took 0.84x layout 1's time at 4 bits and
+// 0.75-0.79x at 2 (1 thread, weights in cache); here 0.70-0.89x and 0.62-0.71x, 3 bits the same (0.58-0.73x).
+template <int BITS, int M, int R>
+void q8_rows2(const Q8Args& q, int64_t o0, int64_t o1) {
+  const Args& a = q.a;
+  const int64_t nch = a.P >> 6, kb = super_cols(a.P) >> 6;
+  const int64_t full4 = ((a.P - kb * 64) & ~int64_t(127)) >> 6;   // of the rest
+  const __m512 zsym = _mm512_set1_ps((float)(1 << (BITS - 1)));
+  int64_t o = o0;
+  prefetch_rows<2>(a.codes, a.row_bytes, o0, o0 + kPrefetchRows, o1);
+  for (; o + R <= o1; o += R) {
+    prefetch_rows<2>(a.codes, a.row_bytes, o + kPrefetchRows, o + kPrefetchRows + R, o1);
+    const uint8_t* row[R];
+    __m512 acc[R][M], zacc[R][M];
+    for (int i = 0; i < R; ++i) {
+      row[i] = a.codes + (o + i) * a.row_bytes;
+      for (int r = 0; r < M; ++r) acc[i][r] = zacc[i][r] = _mm512_setzero_ps();
+    }
+    q8_super<BITS, M, R>(q, o, row, acc);
+    for (int64_t g0 = 0; g0 < a.G; g0 += 16) {
+      const int64_t ng = a.G - g0 < 16 ? a.G - g0 : 16;
+      const __mmask16 gm = (__mmask16)((1u << ng) - 1);
+      for (int i = 0; i < R; ++i) {
+        const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, a.scale + (o + i) * a.G + g0));
+        const __m512 zv = a.zero ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, a.zero + (o + i) * a.G + g0)) : zsym;
+        const __m512 sz = _mm512_mul_ps(sv, zv);
+        for (int r = 0; r < M; ++r)
+          zacc[i][r] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(gm, q.xs + r * a.G + g0), zacc[i][r]);
+      }
+    }
+    for (int64_t k = kb; k < nch; ++k) {
+      const int64_t g = k * 64 / a.gw, kr = k - kb;
+      __m512 sv[R];
+      for (int i = 0; i < R; ++i) sv[i] = _mm512_set1_ps(_cvtsh_ss(a.scale[(o + i) * a.G + g]));
+      __m512i w[R];
+      for (int i = 0; i < R; ++i) w[i] = chunk_codes<BITS>(row[i] + kb * 8 * BITS, kr, full4);
+      for (int r = 0; r < M; ++r) {
+        const __m512i xk = _mm512_loadu_si512(q.xq + r * a.P + k * 64);
+        __m512 sx = _mm512_loadu_ps(q.sxv + (r * nch + k) * 16);
+        if (BITS == 4 && (kr & 1) && kr < full4) sx = _mm512_mul_ps(sx, _mm512_set1_ps(0.0625f));   // 16 q
+        for (int i = 0; i < R; ++i)
+          acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w[i], xk)),
+                                      _mm512_mul_ps(sx, sv[i]), acc[i][r]);
+      }
+    }
+    store_rows<M, R>(a, o, acc, zacc);
+  }
+  if (R > 1 && o < o1) q8_rows2<BITS, M, 1>(q, o, o1);
+}
+
+template <int BITS, int M, int R>
+LB_INLINE void q8_rows_of(const Q8Args& q, int64_t o0, int64_t o1) {
+  if constexpr (BITS != 8) {
+    if (q.layout == 2 && q.a.P >= kSuper) return q8_rows2<BITS, M, R>(q, o0, o1);
+  }
+  q8_rows<BITS, M, R>(q, o0, o1);
 }
 
 template <int BITS>
 void q8_m(const Q8Args& q, int64_t o0, int64_t o1) {
   switch (q.a.m) {
-    case 1: q8_rows<BITS, 1, BITS == 8 ? 1 : 4>(q, o0, o1); break;  // measured: four weight rows
+    case 1: q8_rows_of<BITS, 1, BITS == 8 ? 1 : 4>(q, o0, o1); break;  // measured: four weight rows
       // at a time are faster for 2-4 bits, slower for 8 (SmolLM2's 49152x576 head: 2.5 ms against 1.2)
-    case 2: q8_rows<BITS, 2, 2>(q, o0, o1); break;
-    case 3: q8_rows<BITS, 3, 2>(q, o0, o1); break;
-    case 4: q8_rows<BITS, 4, 1>(q, o0, o1); break;
-    case 5: q8_rows<BITS, 5, 1>(q, o0, o1); break;
-    case 6: q8_rows<BITS, 6, 1>(q, o0, o1); break;
-    case 7: q8_rows<BITS, 7, 1>(q, o0, o1); break;
-    default: q8_rows<BITS, 8, 1>(q, o0, o1); break;
+    case 2: q8_rows_of<BITS, 2, 2>(q, o0, o1); break;
+    case 3: q8_rows_of<BITS, 3, 2>(q, o0, o1); break;
+    case 4: q8_rows_of<BITS, 4, 1>(q, o0, o1); break;
+    case 5: q8_rows_of<BITS, 5, 1>(q, o0, o1); break;
+    case 6: q8_rows_of<BITS, 6, 1>(q, o0, o1); break;
+    case 7: q8_rows_of<BITS, 7, 1>(q, o0, o1); break;
+    default: q8_rows_of<BITS, 8, 1>(q, o0, o1); break;
   }
 }
 
