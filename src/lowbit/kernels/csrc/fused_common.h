@@ -67,6 +67,13 @@ struct Q8Args {
 constexpr int64_t kSuper = 512;
 static inline int64_t super_cols(int64_t P) { return P & ~(kSuper - 1); }
 
+// Layout 2's order of x: the 4-column group k of x's block b (b < S / 32, quantized into xq) goes to lane b % 16 of
+// chunk k of its super-chunk in xt.
+static inline void super_x_block(int8_t* xt, const int8_t* xq, int64_t b) {
+  int8_t* d = xt + (32 * b & ~(kSuper - 1)) + 4 * (b & 15);
+  for (int k = 0; k < 8; ++k) memcpy(d + 64 * k, xq + 32 * b + 4 * k, 4);
+}
+
 // Byte offset (within its super-chunk) and bit shift of the 3 or fewer bits of column c's code that sit
 // there, for layout 2; *hi_shift >= 0 where 3 bits keep bit 2 of the code elsewhere (at the same byte of V2).
 static inline int64_t super_pos(int64_t c, int bits, int* shift, int* lo_bits, int* hi_shift) {

@@ -367,10 +367,7 @@ void quantize_x_avx2(const float* x, int64_t P, int8_t* xq, float* sxv, float* b
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
     bsum[b] = sx * (float)_mm_cvtsi128_si32(s4);
     if (sxb) sxb[b] = sx;
-    if (xt && 32 * b < S) {          // layout 2: 4-column group k of block i of super-chunk s -> lane i of chunk k
-      int8_t* d = xt + (32 * b & ~(kSuper - 1)) + 4 * (b & 15);
-      for (int k = 0; k < 8; ++k) memcpy(d + 64 * k, xq + 32 * b + 4 * k, 4);
-    }
+    if (xt && 32 * b < S) super_x_block(xt, xq, b);
   }
 }
 

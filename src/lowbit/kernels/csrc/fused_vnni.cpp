@@ -27,9 +27,9 @@
 // layout 1 converts, scales and adds in fp32 after every chunk.  Each chunk is masked in place (1 instruction;
 // 2 bits: 1; 3 bits: 1, and 3 for two chunks in eight) and its power-of-two factor shifted out of the int32
 // sum (exact).  Per 64 columns and row that is about 2 vector operations at 4 bits, 2.5 at 3 and 2.4 at 2,
-// against 5, 7 and 6 in layout 1 (measured, Intel Xeon with AVX-512 VNNI, weights in cache, 1 thread:
-// 0.84x layout 1's time at 4 bits, 0.62-0.72x at 3, 0.75-0.79x at 2; the 3-bit GEMVs now as fast as the
-// 4-bit ones).  The remaining chunks (P % 512) run as layout 1, the last in % 64 columns in fp32.
+// against 5, 7 and 6 in layout 1 (measured, Intel Xeon with AVX-512 VNNI, weights in cache, 1 thread, q8_rows2
+// below: 0.70-0.89x layout 1's time at 4 bits, 0.58-0.73x at 3, 0.62-0.71x at 2; the 3-bit GEMVs now as fast
+// as the 4-bit ones).  The remaining chunks (P % 512) run as layout 1, the last in % 64 columns in fp32.
 #include "fused_common.h"
 
 #include <type_traits>
@@ -381,10 +381,7 @@ void quantize_x_vnni(const float* x, int64_t P, int8_t* xq, float* sxv, float* b
     _mm256_storeu_ps(sxv + (b >> 1) * 16 + (b & 1) * 8, _mm256_set1_ps(sx));
     bsum[b] = sx * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
     if (sxb) sxb[b] = sx;
-    if (xt && 32 * b < S) {          // layout 2: 4-column group k of block i of super-chunk s -> lane i of chunk k
-      int8_t* d = xt + (32 * b & ~(kSuper - 1)) + 4 * (b & 15);
-      for (int k = 0; k < 8; ++k) memcpy(d + 64 * k, xq + 32 * b + 4 * k, 4);
-    }
+    if (xt && 32 * b < S) super_x_block(xt, xq, b);
   }
 }
 
