@@ -48,16 +48,16 @@ struct Q8Args {
   const int8_t* xq;        // (m, P) int8
   const float* sxv;        // (m, P / 64, 16): lane l of chunk k = scale of x's 32-column block 2k + l / 8
   const float* xs;         // (m, G): sum of the dequantized x over each group's columns below P
-  int layout = 1;          // the codes' repack layout: 1, or 2 (VNNI only: super-chunks, below)
+  int layout = 1;          // the codes' repack layout: 1, or 2 (super-chunks, below)
   const int8_t* xt = nullptr;   // layout 2: (m, S) x's first S = 512 * floor(P / 512) codes, super-chunk order
   const float* sxb = nullptr;   // layout 2: (m, P / 32) the scale of each 32-column block of x
 };
 
-// Layout 2 (the VNNI q8 kernel's, 2-4 bits): the first S = 512 * floor(P / 512) columns of a row form
+// Layout 2 (both q8 kernels', 2-4 bits): the first S = 512 * floor(P / 512) columns of a row form
 // super-chunks of 512 columns and 64 * bits bytes.  Chunk k (0..7) of a super-chunk is 64 byte lanes;
 // byte 4i + b of chunk k holds column 32i + 4k + b, so the 32-bit lane i of every chunk covers x's
-// 32-column block i alone and its vpdpbusd sums can stay in int32 over the whole super-chunk (one
-// conversion and one scaling per 512 columns instead of per 64).  x is handed over in the same order
+// 32-column block i alone and its integer sums can run over the whole super-chunk (int32 with VNNI, int16
+// pair sums with AVX2: one conversion and one scaling per 512 or 256 columns instead of per 64 or 32).  x is handed over in the same order
 // (Q8Args::xt).  Bytes of a super-chunk, one 64-byte vector V after another:
 //   4 bits: V0..V3; chunk j (0..3) in the low nibbles of Vj, chunk j + 4 in the high nibbles (16 q)
 //   3 bits: V0 = c0 | c6 bits 0-1 << 3 | c1 << 5;  V1 = c2 | c7 bits 0-1 << 3 | c3 << 5;
@@ -233,7 +233,7 @@ static inline void repack_row_q4n(const uint8_t* src, uint8_t* dst, int64_t in, 
   memcpy(dst + P / 2, src + P / 2, (size_t)(row_bytes - P / 2));
 }
 
-// Layout 2 (the VNNI q8 kernel's, 2-4 bits; Q8Args above): super-chunks, then the rest of the row in layout 1.
+// Layout 2 (the q8 kernels', 2-4 bits; Q8Args above): super-chunks, then the rest of the row in layout 1.
 static inline void repack_row_super(const uint8_t* src, uint8_t* dst, int bits, int64_t in, int64_t row_bytes) {
   const int64_t S = super_cols(prefix_cols(in)), head = S / 8 * bits;
   memset(dst, 0, (size_t)head);

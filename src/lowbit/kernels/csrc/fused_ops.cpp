@@ -23,6 +23,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <strings.h>
 #include <vector>
 
 #include "fused_common.h"
@@ -60,25 +61,22 @@ bool cpu_has_vnni() {
 #endif
 }
 
-// LOWBIT_ISA as the Python side reads it (lowbit.kernels._ext.requested_isa), for the calls that take no isa
-// argument (the fused decode step, time_linear_stream): the same forced path as the layers' own calls.
-int env_isa() {
-  const char* v = std::getenv("LOWBIT_ISA");
-  if (!v || !*v) return ISA_AUTO;
-  std::string s(v);
-  for (auto& c : s) c = (char)std::tolower((unsigned char)c);
-  if (s == "scalar") return ISA_SCALAR;
-  if (s == "avx2") return ISA_AVX2;
-  if (s == "avx512") return ISA_AVX512;
-  return ISA_AUTO;
-}
-
-// requested: ISA_AUTO (LOWBIT_ISA, else the CPU's best), or a code, clamped to what the CPU has.
 int resolve_isa(int64_t requested) {
   const int best = cpu_best_isa();
-  if (requested <= ISA_AUTO) requested = env_isa();
   if (requested <= ISA_AUTO) return best;
   return (int)std::min<int64_t>(requested, best);
+}
+
+// LOWBIT_ISA as the Python side reads it (lowbit.kernels._ext.requested_isa, which passes it to every op with an
+// isa argument), for the layers bound without one (the fused decode step, time_linear_stream): the same forced
+// path as the layers' own calls.
+int env_isa() {
+  const char* v = std::getenv("LOWBIT_ISA");
+  if (!v) return ISA_AUTO;
+  if (!strcasecmp(v, "scalar")) return ISA_SCALAR;
+  if (!strcasecmp(v, "avx2")) return ISA_AVX2;
+  if (!strcasecmp(v, "avx512")) return ISA_AVX512;
+  return ISA_AUTO;
 }
 
 // The int8-activation kernel's ISA for a requested one: ISA_AVX512 (VNNI dot products) where the CPU has
@@ -353,8 +351,8 @@ void quantize_row_q8(const Args& a, bool vnni, const float* x, int8_t* xq, float
 }
 
 // The int8-activation kernel's checks for a layer: this CPU runs it (AVX2 at least) and the groups are per channel
-// or a multiple of 64 columns; codes in layout 2 need VNNI.  True where it runs with VNNI (fused_vnni.cpp), false
-// with AVX2 (fused_q8_avx2.cpp).
+// or a multiple of 64 columns, codes in layout 1 or 2.  True where it runs with VNNI (fused_vnni.cpp), false with
+// AVX2 (fused_q8_avx2.cpp).
 bool q8_vnni(const Args& a, int64_t isa, int64_t group_size, int64_t layout) {
   const int q8isa = q8_isa(isa);
   TORCH_CHECK(q8isa != ISA_SCALAR, "lowbit fused kernel: the int8-activation kernel needs AVX2 (or AVX-512 VNNI), "
@@ -369,7 +367,7 @@ bool q8_vnni(const Args& a, int64_t isa, int64_t group_size, int64_t layout) {
 }
 
 // x @ W.T with x quantized to int8 per 32 columns (fused_vnni.cpp with VNNI, else fused_q8_avx2.cpp); codes in repack
-// layout 1, or 2 (VNNI).  Rows of x are taken 8 at a time; groups must be per channel or a multiple of 64 columns.
+// layout 1 or 2.  Rows of x are taken 8 at a time; groups must be per channel or a multiple of 64 columns.
 at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                              const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size,
                              int64_t in_features, int64_t isa, int64_t layout) {
@@ -419,9 +417,9 @@ at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const
   return y;
 }
 
-bool fused_q8_available() { return cpu_best_isa() >= ISA_AVX2; }   // on this CPU, whatever LOWBIT_ISA asks
+bool fused_q8_available() { return q8_isa(ISA_AUTO) != ISA_SCALAR; }
 
-int64_t fused_cpu_isa(int64_t requested) { return requested <= ISA_AUTO ? cpu_best_isa() : resolve_isa(requested); }
+int64_t fused_cpu_isa(int64_t requested) { return resolve_isa(requested); }
 
 // How many threads at::parallel_for uses here for n tasks of one item each (it should follow
 // torch.set_num_threads: the library shares PyTorch's OpenMP runtime).
@@ -461,8 +459,9 @@ void bind_step_linear(StepLinear& s, const at::Tensor& codes, const at::Tensor& 
   s.a.m = 1;
   s.q8 = q8 != 0;
   s.layout = q8 == 2 && bits != 8 ? 2 : 1;
-  if (q8) s.vnni = q8_vnni(s.a, ISA_AUTO, group_size, s.layout);
-  s.isa = resolve_isa(ISA_AUTO);
+  const int isa = env_isa();
+  if (q8) s.vnni = q8_vnni(s.a, isa, group_size, s.layout);
+  s.isa = resolve_isa(isa);
   s.grain = gemv_grain(s.a, 1);
 }
 

@@ -121,6 +121,15 @@ LB_INLINE __m256i super_half_dot(const uint8_t* w, const int8_t* xt) {
   return _mm256_madd_epi16(a, _mm256_set1_epi16(1));
 }
 
+// 8 of a row's fp16 values from group g0 on (lanes past its G groups: whatever follows, never faulting).
+LB_INLINE __m256 groups8(const Args& a, const uint16_t* t, int64_t o, int64_t g0) {
+  const uint16_t* p = t + o * a.G + g0;
+  if (o * a.G + g0 + 8 <= a.out * a.G) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  float f[8];
+  for (int l = 0; l < 8; ++l) f[l] = g0 + l < a.G ? _cvtsh_ss(p[l]) : 0.f;
+  return _mm256_loadu_ps(f);
+}
+
 // Layout 2's super-chunks of R rows for M rows of x, into tot: per half super-chunk and lane, the int32 sum
 // converted once and scaled by its x block's scale times the weight scale of the lane's group.
 template <int BITS, int M, int R>
@@ -139,19 +148,7 @@ LB_INLINE void q8_super(const Q8Args& q, int64_t o, const uint8_t* const* row, _
           _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_add_ps(_mm256_set1_ps((float)ch), mid), inv_gw)),
           _mm256_set1_epi32((int)gh));
       for (int i = 0; i < R; ++i) {
-        const uint16_t* sc = a.scale + (o + i) * a.G + gh;
-        __m256 sv;
-        // 8 scales from the half's first group: past the row's own into the next row's (lanes never use them),
-        // except at the tensor's end
-        if ((o + i) * a.G + gh + 8 <= a.out * a.G) {
-          sv = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc))), gi);
-        } else {
-          int gl[8];
-          float sl[8];
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(gl), gi);
-          for (int l = 0; l < 8; ++l) sl[l] = _cvtsh_ss(sc[gl[l]]);
-          sv = _mm256_loadu_ps(sl);
-        }
+        const __m256 sv = _mm256_permutevar8x32_ps(groups8(a, a.scale, o + i, gh), gi);   // lanes' groups < G
         const uint8_t* w = row[i] + c0 / 8 * BITS + 32 * h;
         for (int r = 0; r < M; ++r) {
           const __m256i t = super_half_dot<BITS>(w, q.xt + r * S + c0 + 32 * h);
@@ -161,15 +158,6 @@ LB_INLINE void q8_super(const Q8Args& q, int64_t o, const uint8_t* const* row, _
       }
     }
   }
-}
-
-// 8 of a row's fp16 values from group g0 on (lanes past its G groups: whatever follows, never faulting).
-LB_INLINE __m256 groups8(const Args& a, const uint16_t* t, int64_t o, int64_t g0) {
-  const uint16_t* p = t + o * a.G + g0;
-  if (o * a.G + g0 + 8 <= a.out * a.G) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  float f[8];
-  for (int l = 0; l < 8; ++l) f[l] = g0 + l < a.G ? _cvtsh_ss(p[l]) : 0.f;
-  return _mm256_loadu_ps(f);
 }
 
 // The zero point's term s z sum(xhat) of every group of R rows, 8 groups at a time, added to zt.
