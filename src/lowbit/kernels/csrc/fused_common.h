@@ -63,7 +63,13 @@ struct Q8Args {
 //   3 bits: V0 = c0 | c6 bits 0-1 << 3 | c1 << 5;  V1 = c2 | c7 bits 0-1 << 3 | c3 << 5;
 //           V2 = c4 | c6 bit 2 << 3 | c7 bit 2 << 4 | c5 << 5   (each chunk masked in place: 1, 8 or 32 q)
 //   2 bits: V0 = c0 | c1 << 2 | c2 << 4 | c3 << 6;  V1 = c4 | c5 << 2 | c6 << 4 | c7 << 6
-// The columns from S to P follow as a row of in - S columns in layout 1, then the stored tail as ever.
+// The columns from S to P follow as a row of in - S columns in layout 1, then the stored tail as ever (a row of
+// fewer than 512 columns is layout 1 throughout); except at 3 bits after a super-chunk, whose chunks there (24 bytes each) are three 8-byte fields F0, F1, F2, byte j of each holding:
+//   F0: column j in bits 0-2, column 32 + j's bits 0-1 in bits 3-4, column 16 + j in bits 5-7
+//   F1: column 8 + j in bits 0-2, column 40 + j's bits 0-1 in bits 3-4, column 24 + j in bits 5-7
+//   F2: column 48 + j in bits 0-2, bit 2 of column 32 + j in bit 3, of column 40 + j in bit 4, column 56 + j in bits 5-7
+// so that 8-byte fields shifted per 64-bit lane give the chunk's columns in order: 3 operations for 32 columns with
+// AVX2 (layout 1's bit-2 mask costs 5 more), 4 for 64 with VNNI (layout 1: 3).
 constexpr int64_t kSuper = 512;
 static inline int64_t super_cols(int64_t P) { return P & ~(kSuper - 1); }
 
@@ -233,7 +239,18 @@ static inline void repack_row_q4n(const uint8_t* src, uint8_t* dst, int64_t in, 
   memcpy(dst + P / 2, src + P / 2, (size_t)(row_bytes - P / 2));
 }
 
-// Layout 2 (the q8 kernels', 2-4 bits; Q8Args above): super-chunks, then the rest of the row in layout 1.
+// Byte offset (within its 24-byte chunk) and shift of column c's code (c < 64) in layout 2's 3-bit rest (above):
+// bits 0-2 there, or at 3 bits its low two and *hi_shift >= 0: bit 2 at that shift of byte 16 + c % 8.
+static inline int64_t rest3_pos(int64_t c, int* shift, int* hi_shift) {
+  static const int kField[8] = {0, 8, 0, 8, 0, 8, 16, 16}, kShift[8] = {0, 0, 5, 5, 3, 3, 0, 5};
+  const int q = (int)(c >> 3);
+  *shift = kShift[q];
+  *hi_shift = q == 4 ? 3 : q == 5 ? 4 : -1;
+  return kField[q] + (c & 7);
+}
+
+// Layout 2 (the q8 kernels', 2-4 bits; Q8Args above): super-chunks, then the rest of the row in layout 1 (3 bits:
+// its chunks as rest3_pos places them).
 static inline void repack_row_super(const uint8_t* src, uint8_t* dst, int bits, int64_t in, int64_t row_bytes) {
   const int64_t S = super_cols(prefix_cols(in)), head = S / 8 * bits;
   memset(dst, 0, (size_t)head);
@@ -245,10 +262,22 @@ static inline void repack_row_super(const uint8_t* src, uint8_t* dst, int bits, 
     blk[pos] |= (uint8_t)((q & ((1u << lo) - 1)) << sh);
     if (hs >= 0) blk[128 + (pos & 63)] |= (uint8_t)(((q >> 2) & 1u) << hs);
   }
-  if (bits == 4)
+  if (bits == 4) {
     repack_row_q4n(src + head, dst + head, in - S, row_bytes - head);
-  else
+  } else if (bits == 3 && S > 0) {
+    const int64_t R = prefix_cols(in - S), rest = R / 8 * 3;
+    memset(dst + head, 0, (size_t)rest);
+    for (int64_t c = 0; c < R; ++c) {
+      const unsigned q = stream_code(src + head, c, 3, row_bytes - head);
+      int sh, hs;
+      uint8_t* chunk = dst + head + (c >> 6) * 24;
+      chunk[rest3_pos(c & 63, &sh, &hs)] |= (uint8_t)((q & (hs >= 0 ? 3u : 7u)) << sh);
+      if (hs >= 0) chunk[16 + (c & 7)] |= (uint8_t)(((q >> 2) & 1u) << hs);
+    }
+    memcpy(dst + head + rest, src + head + rest, (size_t)(row_bytes - head - rest));
+  } else {
     repack_row(src + head, dst + head, bits, in - S, row_bytes - head);
+  }
 }
 
 // sum_{c in [c0, c1)} w[o, c] * x[r, c] for r < m, added to acc[r]; w computed exactly as the reference

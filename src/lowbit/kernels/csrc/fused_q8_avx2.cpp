@@ -65,6 +65,20 @@ LB_INLINE __m256i half_codes(const uint8_t* row, int64_t k, int h, int64_t full4
   return q;
 }
 
+// Half h of a chunk of layout 2's 3-bit rest (fused_common.h, 24 bytes at c): its 32 codes in column order.
+LB_INLINE __m256i rest3_half(const uint8_t* c, int h) {
+  const __m256i f01 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));  // F0 F1 F0 F1
+  if (h == 0) return _mm256_and_si256(_mm256_srlv_epi64(f01, _mm256_setr_epi64x(0, 0, 5, 5)), _mm256_set1_epi8(7));
+  uint64_t f2;
+  memcpy(&f2, c + 16, 8);
+  const __m256i lo = _mm256_and_si256(_mm256_srlv_epi64(f01, _mm256_set1_epi64x(3)),
+                                      _mm256_setr_epi64x(0x0303030303030303ll, 0x0303030303030303ll, 0, 0));
+  const __m256i hi = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x((long long)f2), _mm256_setr_epi64x(1, 2, 0, 5)),
+                                      _mm256_setr_epi64x(0x0404040404040404ll, 0x0404040404040404ll,
+                                                         0x0707070707070707ll, 0x0707070707070707ll));
+  return _mm256_or_si256(lo, hi);
+}
+
 LB_INLINE float hsum(__m256 s) {
   __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
   t = _mm_add_ps(t, _mm_movehl_ps(t, t));
@@ -258,6 +272,8 @@ void q8_rows2(const Q8Args& q, int64_t o0, int64_t o1) {
   const Args& a = q.a;
   const int64_t nch = a.P >> 6, kb = super_cols(a.P) >> 6;
   const int64_t full4 = ((a.P - kb * 64) & ~int64_t(127)) >> 6;    // of the rest
+  int64_t tg[kSuper / 64];                                          // the group of each chunk of the rest (<= 7)
+  for (int64_t k = kb; k < nch; ++k) tg[k - kb] = k * 64 / a.gw;
   int64_t o = o0;
   prefetch_rows(a.codes, a.row_bytes, o0, o0 + kPrefetchRows, o1);
   for (; o + R <= o1; o += R) {
@@ -275,12 +291,14 @@ void q8_rows2(const Q8Args& q, int64_t o0, int64_t o1) {
     q8_super<BITS, M, R>(q, o, row, tot);
     zero_terms<M, R>(q, o, (float)(1 << (BITS - 1)), zt);
     for (int64_t k = kb; k < nch; ++k) {
-      const int64_t g = k * 64 / a.gw;
+      const int64_t g = tg[k - kb];
       __m256 sv[R];
-      for (int i = 0; i < R; ++i) sv[i] = _mm256_set1_ps(_cvtsh_ss(a.scale[(o + i) * a.G + g]));
+      for (int i = 0; i < R; ++i)
+        sv[i] = _mm256_cvtph_ps(_mm_set1_epi16((short)a.scale[(o + i) * a.G + g]));
       for (int h = 0; h < 2; ++h) {
         __m256i w[R];
-        for (int i = 0; i < R; ++i) w[i] = half_codes<BITS>(row[i] + kb * 8 * BITS, k - kb, h, full4);
+        for (int i = 0; i < R; ++i)
+          w[i] = BITS == 3 ? rest3_half(row[i] + k * 24, h) : half_codes<BITS>(row[i] + kb * 8 * BITS, k - kb, h, full4);
         for (int r = 0; r < M; ++r) {
           const __m256i xk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.xq + r * a.P + k * 64 + h * 32));
           const __m256 sx = _mm256_loadu_ps(q.sxv + (r * nch + k) * 16 + h * 8);

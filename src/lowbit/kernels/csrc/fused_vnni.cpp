@@ -60,10 +60,9 @@ LB_INLINE __m512i chunk_codes(const uint8_t* row, int64_t k, int64_t full4) {
       // a high nibble is left in place (16 q, exact in the int32 sums): q8_rows scales that chunk's x by 1/16
       return _mm512_and_si512(v, (k & 1) ? _mm512_set1_epi8((char)0xf0) : lo4);
     }
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + full4 * 32));
-    const __m256i m = _mm256_set1_epi8(0x0f);
-    const __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    // a half block: its 32 bytes in both halves, the high nibbles of the upper half masked in place (16 q)
+    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + full4 * 32)));
+    return _mm512_and_si512(v, _mm512_inserti64x4(lo4, _mm256_set1_epi8((char)0xf0), 1));
   }
   const uint8_t* blk = row + k * (BITS == 2 ? 16 : 24);
   const __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
@@ -76,6 +75,33 @@ LB_INLINE __m512i chunk_codes(const uint8_t* row, int64_t k, int64_t full4) {
     q = _mm512_mask_add_epi8(q, (__mmask64)m, q, _mm512_set1_epi8(4));
   }
   return q;
+}
+
+// x's 16 lane scales sx of chunk k as chunk_codes<4> leaves the chunk: a high nibble masked in place is 16 q (the odd
+// chunk of a whole block, the upper 32 columns of a half block), so its lanes' scales are divided by 16 (exact).
+LB_INLINE __m512 q4_sx(__m512 sx, int64_t k, int64_t full4) {
+  if (k >= full4) return _mm512_mul_ps(sx, _mm512_mask_mov_ps(_mm512_set1_ps(1.f), 0xff00, _mm512_set1_ps(0.0625f)));
+  return (k & 1) ? _mm512_mul_ps(sx, _mm512_set1_ps(0.0625f)) : sx;
+}
+
+// The 64 codes of a chunk of layout 2's 3-bit rest (fused_common.h, 24 bytes at c), in column order with the
+// fields left in place: lanes 4-7 and 14-15 hold 32 q, lanes 8-11 8 q (rest3_sx gives x's scales to match).
+LB_INLINE __m512i rest3_codes(const uint8_t* c) {
+  const __m512i f = _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(0x00ffffff, c));   // F0 F1 F2, no read past
+  const __m512i w = _mm512_and_si512(_mm512_permutexvar_epi64(_mm512_set_epi64(2, 2, 1, 0, 1, 0, 1, 0), f),
+                                     _mm512_set_epi64(0xe0e0e0e0e0e0e0e0ll, 0x0707070707070707ll, 0x1818181818181818ll,
+                                                      0x1818181818181818ll, 0xe0e0e0e0e0e0e0e0ll, 0xe0e0e0e0e0e0e0e0ll,
+                                                      0x0707070707070707ll, 0x0707070707070707ll));
+  uint64_t f2;
+  memcpy(&f2, c + 16, 8);
+  // bit 2 of columns 32-39 (F2 bit 3) and 40-47 (F2 bit 4): 4 at their 8 q, i.e. 32
+  const __mmask64 hi = _mm512_test_epi8_mask(_mm512_set1_epi64((long long)f2),
+                                             _mm512_set_epi64(0, 0, 0x1010101010101010ll, 0x0808080808080808ll, 0, 0, 0, 0));
+  return _mm512_mask_add_epi8(w, hi, w, _mm512_set1_epi8(32));
+}
+LB_INLINE __m512 rest3_sx(__m512 sx) {
+  const float a = 1.f / 32, b = 1.f / 8;
+  return _mm512_mul_ps(sx, _mm512_set_ps(a, a, 1, 1, b, b, b, b, a, a, a, a, 1, 1, 1, 1));
 }
 
 // The sums of the 16 lanes of a, b, c and d, in that order (one transposed reduction: 12 instructions where four
@@ -135,9 +161,10 @@ LB_INLINE __m512i super_dot(const uint8_t* w, const int8_t* xt) {
 }
 
 // Layout 2's super-chunks of R rows for M rows of x, into acc: per lane, the int32 sum over a super-chunk is
-// converted once and scaled by its x block's scale times the weight scale of the lane's group.
+// converted once and scaled by its x block's scale times the weight scale of the lane's group.  svl[i]: row i's
+// weight scales of the 16 groups from the last super-chunk's first on (0 past the row's groups), for the rest.
 template <int BITS, int M, int R>
-LB_INLINE void q8_super(const Q8Args& q, int64_t o, const uint8_t* const* row, __m512 (*acc)[M]) {
+LB_INLINE void q8_super(const Q8Args& q, int64_t o, const uint8_t* const* row, __m512 (*acc)[M], __m512* svl) {
   const Args& a = q.a;
   const int64_t S = super_cols(a.P), nb = a.P >> 5;
   // lane i's group: (c0 + 32 i) / gw, computed as (c0 + 32 i + 16) / gw in fp32 -- 16 / gw from any integer, so
@@ -151,8 +178,8 @@ LB_INLINE void q8_super(const Q8Args& q, int64_t o, const uint8_t* const* row, _
         _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_add_ps(_mm512_set1_ps((float)c0), mid), inv_gw)),
         _mm512_set1_epi32((int)g0));
     for (int i = 0; i < R; ++i) {
-      const __m512 sv = _mm512_permutexvar_ps(
-          gi, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, a.scale + (o + i) * a.G + g0)));
+      svl[i] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, a.scale + (o + i) * a.G + g0));
+      const __m512 sv = _mm512_permutexvar_ps(gi, svl[i]);
       const uint8_t* w = row[i] + c0 / 8 * BITS;
       for (int r = 0; r < M; ++r) {
         const __m512i t = super_dot<BITS>(w, q.xt + r * S + c0);
@@ -241,7 +268,7 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
             const __m512i xk = _mm512_loadu_si512(q.xq + r * a.P + kk * 64);
             __m512 sx = _mm512_loadu_ps(q.sxv + (r * nch + kk) * 16);
             // the high nibbles of a whole 4-bit block are 16 q: x's scale / 16 (exact) gives the same products
-            if (BITS == 4 && (kk & 1) && kk < full4) sx = _mm512_mul_ps(sx, _mm512_set1_ps(0.0625f));
+            if (BITS == 4) sx = q4_sx(sx, kk, full4);
             for (int i = 0; i < R; ++i) {
               const __m512 d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, w[i], xk));
               if constexpr (decltype(direct_c)::value)
@@ -297,6 +324,10 @@ void q8_rows2(const Q8Args& q, int64_t o0, int64_t o1) {
   const int64_t nch = a.P >> 6, kb = super_cols(a.P) >> 6;
   const int64_t full4 = ((a.P - kb * 64) & ~int64_t(127)) >> 6;   // of the rest
   const __m512 zsym = _mm512_set1_ps((float)(1 << (BITS - 1)));
+  // the group of each chunk of the rest (at most 7), as an index into q8_super's svl: (kb * 64 + 447) / gw less the
+  // last super-chunk's first group (kb * 64 - 512) / gw is at most 15 for gw >= 64
+  __m512i tix[kSuper / 64];
+  for (int64_t k = kb; k < nch; ++k) tix[k - kb] = _mm512_set1_epi32((int)(k * 64 / a.gw - (kb * 64 - kSuper) / a.gw));
   int64_t o = o0;
   prefetch_rows<2>(a.codes, a.row_bytes, o0, o0 + kPrefetchRows, o1);
   for (; o + R <= o1; o += R) {
@@ -307,7 +338,8 @@ void q8_rows2(const Q8Args& q, int64_t o0, int64_t o1) {
       row[i] = a.codes + (o + i) * a.row_bytes;
       for (int r = 0; r < M; ++r) acc[i][r] = zacc[i][r] = _mm512_setzero_ps();
     }
-    q8_super<BITS, M, R>(q, o, row, acc);
+    __m512 svl[R];
+    q8_super<BITS, M, R>(q, o, row, acc, svl);
     for (int64_t g0 = 0; g0 < a.G; g0 += 16) {
       const int64_t ng = a.G - g0 < 16 ? a.G - g0 : 16;
       const __mmask16 gm = (__mmask16)((1u << ng) - 1);
@@ -320,15 +352,18 @@ void q8_rows2(const Q8Args& q, int64_t o0, int64_t o1) {
       }
     }
     for (int64_t k = kb; k < nch; ++k) {
-      const int64_t g = k * 64 / a.gw, kr = k - kb;
+      const int64_t kr = k - kb;
       __m512 sv[R];
-      for (int i = 0; i < R; ++i) sv[i] = _mm512_set1_ps(_cvtsh_ss(a.scale[(o + i) * a.G + g]));
       __m512i w[R];
-      for (int i = 0; i < R; ++i) w[i] = chunk_codes<BITS>(row[i] + kb * 8 * BITS, kr, full4);
+      for (int i = 0; i < R; ++i) {
+        sv[i] = _mm512_permutexvar_ps(tix[kr], svl[i]);
+        w[i] = BITS == 3 ? rest3_codes(row[i] + kb * 24 + kr * 24) : chunk_codes<BITS>(row[i] + kb * 8 * BITS, kr, full4);
+      }
       for (int r = 0; r < M; ++r) {
         const __m512i xk = _mm512_loadu_si512(q.xq + r * a.P + k * 64);
         __m512 sx = _mm512_loadu_ps(q.sxv + (r * nch + k) * 16);
-        if (BITS == 4 && (kr & 1) && kr < full4) sx = _mm512_mul_ps(sx, _mm512_set1_ps(0.0625f));   // 16 q
+        if (BITS == 4) sx = q4_sx(sx, kr, full4);
+        if (BITS == 3) sx = rest3_sx(sx);
         for (int i = 0; i < R; ++i)
           acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w[i], xk)),
                                       _mm512_mul_ps(sx, sv[i]), acc[i][r]);
