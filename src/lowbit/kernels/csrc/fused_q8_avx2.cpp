@@ -71,9 +71,10 @@ LB_INLINE __m256i rest3_half(const uint8_t* c, int h) {
   if (h == 0) return _mm256_and_si256(_mm256_srlv_epi64(f01, _mm256_setr_epi64x(0, 0, 5, 5)), _mm256_set1_epi8(7));
   uint64_t f2;
   memcpy(&f2, c + 16, 8);
-  const __m256i lo = _mm256_and_si256(_mm256_srlv_epi64(f01, _mm256_set1_epi64x(3)),
+  const __m256i lo = _mm256_and_si256(_mm256_srli_epi64(f01, 3),
                                       _mm256_setr_epi64x(0x0303030303030303ll, 0x0303030303030303ll, 0, 0));
-  const __m256i hi = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x((long long)f2), _mm256_setr_epi64x(1, 2, 0, 5)),
+  const __m256i f2s = _mm256_srlv_epi64(_mm256_set1_epi64x((long long)f2), _mm256_setr_epi64x(1, 2, 0, 5));
+  const __m256i hi = _mm256_and_si256(f2s,
                                       _mm256_setr_epi64x(0x0404040404040404ll, 0x0404040404040404ll,
                                                          0x0707070707070707ll, 0x0707070707070707ll));
   return _mm256_or_si256(lo, hi);
@@ -265,8 +266,8 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
 }
 
 // Layout 2 (2-4 bits, P >= 512), R output rows at a time, M rows of x: the super-chunks, the zero point's terms of
-// every group, then the chunks past the last super-chunk (layout 1 of the rest of the row) one by one, each with
-// its group's weight scale joined to x's scales.
+// every group, then the chunks past the last super-chunk (layout 1 of the rest of the row; 3 bits: rest3_half) one
+// by one, each with its group's weight scale joined to x's scales.
 template <int BITS, int M, int R>
 void q8_rows2(const Q8Args& q, int64_t o0, int64_t o1) {
   const Args& a = q.a;
@@ -298,7 +299,8 @@ void q8_rows2(const Q8Args& q, int64_t o0, int64_t o1) {
       for (int h = 0; h < 2; ++h) {
         __m256i w[R];
         for (int i = 0; i < R; ++i)
-          w[i] = BITS == 3 ? rest3_half(row[i] + k * 24, h) : half_codes<BITS>(row[i] + kb * 8 * BITS, k - kb, h, full4);
+          w[i] = BITS == 3 ? rest3_half(row[i] + k * 24, h)
+                           : half_codes<BITS>(row[i] + kb * 8 * BITS, k - kb, h, full4);
         for (int r = 0; r < M; ++r) {
           const __m256i xk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.xq + r * a.P + k * 64 + h * 32));
           const __m256 sx = _mm256_loadu_ps(q.sxv + (r * nch + k) * 16 + h * 8);

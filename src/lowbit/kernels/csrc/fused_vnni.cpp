@@ -29,7 +29,8 @@
 // sum (exact).  Per 64 columns and row that is about 2 vector operations at 4 bits, 2.5 at 3 and 2.4 at 2,
 // against 5, 7 and 6 in layout 1 (measured, Intel Xeon with AVX-512 VNNI, weights in cache, 1 thread, q8_rows2
 // below: 0.70-0.89x layout 1's time at 4 bits, 0.58-0.73x at 3, 0.62-0.71x at 2; the 3-bit GEMVs now as fast
-// as the 4-bit ones).  The remaining chunks (P % 512) run as layout 1, the last in % 64 columns in fp32.
+// as the 4-bit ones).  The remaining chunks (P % 512) run as layout 1 (3 bits: the rest's arrangement in
+// fused_common.h), the last in % 64 columns in fp32.
 #include "fused_common.h"
 
 #include <type_traits>
@@ -95,8 +96,8 @@ LB_INLINE __m512i rest3_codes(const uint8_t* c) {
   uint64_t f2;
   memcpy(&f2, c + 16, 8);
   // bit 2 of columns 32-39 (F2 bit 3) and 40-47 (F2 bit 4): 4 at their 8 q, i.e. 32
-  const __mmask64 hi = _mm512_test_epi8_mask(_mm512_set1_epi64((long long)f2),
-                                             _mm512_set_epi64(0, 0, 0x1010101010101010ll, 0x0808080808080808ll, 0, 0, 0, 0));
+  const __m512i bit2 = _mm512_set_epi64(0, 0, 0x1010101010101010ll, 0x0808080808080808ll, 0, 0, 0, 0);
+  const __mmask64 hi = _mm512_test_epi8_mask(_mm512_set1_epi64((long long)f2), bit2);
   return _mm512_mask_add_epi8(w, hi, w, _mm512_set1_epi8(32));
 }
 LB_INLINE __m512 rest3_sx(__m512 sx) {
@@ -314,8 +315,9 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
 }
 
 // Layout 2 (2-4 bits, P >= 512), R output rows at a time, M rows of x: the super-chunks, the zero point's terms of
-// every group (16 at a time), then the chunks past the last super-chunk (layout 1 of the rest of the row) one by
-// one, each with its group's weight scale joined to x's scales.  A function of its own: run inside q8_rows's group
+// every group (16 at a time), then the chunks past the last super-chunk (layout 1 of the rest of the row; 3 bits:
+// rest3_codes) one by one, each with its group's weight scale joined to x's scales (a permute of the last
+// super-chunk's converted scales).  A function of its own: run inside q8_rows's group
 // loop (skipping the groups the super-chunks cover) the super-chunks took 0.84x layout 1's time at 4 bits and
 // 0.75-0.79x at 2 (1 thread, weights in cache); here 0.70-0.89x and 0.62-0.71x, 3 bits the same (0.58-0.73x).
 template <int BITS, int M, int R>
@@ -357,7 +359,8 @@ void q8_rows2(const Q8Args& q, int64_t o0, int64_t o1) {
       __m512i w[R];
       for (int i = 0; i < R; ++i) {
         sv[i] = _mm512_permutexvar_ps(tix[kr], svl[i]);
-        w[i] = BITS == 3 ? rest3_codes(row[i] + kb * 24 + kr * 24) : chunk_codes<BITS>(row[i] + kb * 8 * BITS, kr, full4);
+        w[i] = BITS == 3 ? rest3_codes(row[i] + kb * 24 + kr * 24)
+                         : chunk_codes<BITS>(row[i] + kb * 8 * BITS, kr, full4);
       }
       for (int r = 0; r < M; ++r) {
         const __m512i xk = _mm512_loadu_si512(q.xq + r * a.P + k * 64);
