@@ -31,8 +31,10 @@ LAYOUTS = [(64, 576, 128), (33, 576, -1), (24, 600, 128), (7, 13, -1), (16, 320,
            (40, 256, 64), (96, 576, -1)]
 # layout 2's super-chunks of 512 columns: none (in < 512), one and a tail chunk, three and no tail, two and a
 # 4-bit half block; groups of 64, 192 (lanes of one super-chunk in three groups), 1024 (a group over two
-# super-chunks and the tail) and per channel; an fp32 tail (in % 64 != 0) after them
-SUPER_LAYOUTS = [(64, 576, 128), (21, 1536, 192), (9, 1088, 1024), (12, 1536, -1), (10, 1120, 64), (5, 640, 128)]
+# super-chunks and the tail) and per channel; an fp32 tail (in % 64 != 0) after them; the longest rest (7 chunks,
+# 3 whole 4-bit blocks and a half, groups of 64: the rest's group 14 past the super-chunk's first)
+SUPER_LAYOUTS = [(64, 576, 128), (21, 1536, 192), (9, 1088, 1024), (12, 1536, -1), (10, 1120, 64), (5, 640, 128),
+                 (6, 960, 64)]
 # both paths read both repack layouts
 PATH_LAYOUTS = [(isa, layout) for isa in Q8_ISAS for layout in (1, 2)]
 
