@@ -62,6 +62,22 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, monkeypatch):
     assert not calls
 
 
+def test_compiled_step_on_the_reference_kernel_gives_the_eager_tokens(tmp_path, monkeypatch):
+    """What runs without the extension (``LOWBIT_NO_EXT=1``, no compiler) when a compiled step is asked for: the
+    reference kernel's dequantization traced into the graph, ragged last group included (96 columns, groups of 64).
+    Its writes through views of the output once broke the compiled step on torch 2.13 (``Dimension out of
+    range`` in AOT autograd's replay of the aliased result)."""
+    path = _quantized(tmp_path, "w4g64")
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    ids = torch.randint(3, 200, (1, 7), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    want = lowbit.load(path, compile=False).generate(ids, **kw)
+    torch._dynamo.reset()
+    compiled = lowbit.load(path, compile=True)
+    assert compiled.generation_config.compile_config is not None and fused.fused_count(compiled) == 0
+    assert torch.equal(compiled.generate(ids, **kw), want)
+
+
 def test_compile_can_be_turned_off(tmp_path, monkeypatch):
     path = _quantized(tmp_path, "w8")
     monkeypatch.setenv("LOWBIT_COMPILE", "0")

@@ -88,7 +88,8 @@ def test_two_formats_in_one_process_each_decode_their_own_tokens(w4, tmp_path):
     for name, path in (("w4", w4[0]), ("w3", w3), ("w4 again", w4[0])):
         plain = lowbit.load(path, compile=False).generate(ids, **kw)
         fused = lowbit.load(path)
-        assert lowbit.decoding.fused.fused_count(fused) == 30
+        # every decoder layer fused, or none where the extension is off (LOWBIT_NO_EXT=1, no compiler)
+        assert lowbit.decoding.fused.fused_count(fused) == (30 if lowbit.decoding.fused.enabled() else 0)
         assert torch.equal(fused.generate(ids, **kw), plain), name
         compiled = lowbit.load(path, compile=True)
         assert compiled.generation_config.compile_config is not None

@@ -153,6 +153,11 @@ def dequantize_codes(q: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) ->
     g = spec.group_width(in_f)
     full = in_f // g                                                  # groups of full width
     scale, zero = scale.float(), zero.float()
+    if torch.compiler.is_compiling():
+        # the same arithmetic as one expression: the writes through views below (``out=`` a slice of w) break
+        # a compiled graph, and AOT autograd's replay of the aliased output then failed on torch 2.13
+        # (``Dimension out of range``: the reference kernel in a compiled decode step without the extension)
+        return (q.float() - expand_groups(zero, spec, in_f)) * expand_groups(scale, spec, in_f)
     w = torch.empty(out_f, in_f, device=q.device)
     if full:
         wv = w[:, : full * g].unflatten(1, (full, g))                 # (out, full, g) view into w
