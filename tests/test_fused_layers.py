@@ -360,7 +360,8 @@ def test_team_decode_step_gives_the_bits_of_a_parallel_region_per_stage(tmp_path
 def test_lowbit_isa_forces_the_fused_step_path_too(tmp_path, monkeypatch):
     """``LOWBIT_ISA=avx2`` forces the AVX2 path on the layers' own calls (the isa argument) and also inside
     ``decode_layers``, which takes no isa argument: on a VNNI CPU the two int8 paths sum in another order, so the
-    forced step gives other bits (close ones), the same bits run to run."""
+    forced step gives other bits (close ones), the same bits run to run.  ``LOWBIT_ISA=avxvnni`` forces the
+    AVX-VNNI path, whose sums are AVX2's bit for bit at these 4-bit layers."""
     if _ext.q8_isa(_ext.ISA_CODES["avx512"]) != "avx512":
         pytest.skip("no AVX-512 VNNI here: both runs would take the AVX2 path")
     monkeypatch.setenv("LOWBIT_KERNEL", "fused_q8")
@@ -386,3 +387,5 @@ def test_lowbit_isa_forces_the_fused_step_path_too(tmp_path, monkeypatch):
     assert torch.equal(avx2, step("avx2"))
     assert not torch.equal(best, avx2)
     torch.testing.assert_close(avx2, best, rtol=1e-3, atol=1e-3)
+    if "avxvnni" in _ext.fused_info()["q8_isas"]:          # exact int32 sums as AVX2's: the same bits at 4 bits
+        assert torch.equal(step("avxvnni"), avx2)

@@ -22,8 +22,8 @@ from lowbit.kernels import KERNELS, _ext
 from lowbit.modules import QuantLinear
 
 pytestmark = pytest.mark.skipif(not _ext.q8_available(), reason="no AVX2 or no fused extension here")
-# the int8 paths this CPU runs: AVX2 (vpmaddubsw), and AVX-512 VNNI where present
-Q8_ISAS = sorted({_ext.q8_isa(_ext.ISA_CODES[i]) for i in ("avx2", "avx512")} - {None}) if _ext.q8_available() else []
+# the int8 paths this CPU runs: AVX2 (vpmaddubsw), and AVX-VNNI and AVX-512 VNNI where present
+Q8_ISAS = _ext.fused_info()["q8_isas"] if _ext.q8_available() else []
 
 # (out, in, group): ragged last group (576 at 128), per channel, in % 64 != 0 (tail in fp32), in < 64,
 # in % 128 == 64 (half 4-bit block), groups of 64 and 256, the head's shape class
@@ -86,6 +86,25 @@ def test_q8_matches_its_model_and_fp32(threads, isa, layout, bits, out_f, in_f, 
             assert torch.equal(y, _ext.linear_q8(x, plan, isa=code)), what + ": not bit-identical"
             torch.set_num_threads(2)
             assert torch.equal(y, _ext.linear_q8(x, plan, isa=code)), what + ": 1 and 2 threads differ"
+
+
+@pytest.mark.skipif("avxvnni" not in Q8_ISAS, reason="no AVX-VNNI here")
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize(("out_f", "in_f", "group"), [(64, 576, 128), (16, 1536, 64), (24, 600, -1), (8, 1024, 256)])
+def test_avxvnni_sums_what_avx2_sums(threads, bits, out_f, in_f, group):
+    """The AVX-VNNI path's int32 dot products are exact, as AVX2's int16 pair sums are, and every later step is the
+    same code: at 2-4 bits both give the same bits, in layouts 1 and 2.  8-bit codes stay unsigned with AVX-VNNI
+    (AVX2 recentres them to q - 128), so there the sums differ by the zero point's rounding only."""
+    g = torch.Generator().manual_seed(bits * in_f)
+    fmt = random_format(out_f, in_f, QuantSpec(bits, group, bits == 8), seed=bits)
+    x = torch.randn(3, in_f, generator=g)
+    for layout in (1, 2):
+        plan = _ext.prepare(fmt, layout=layout)
+        avx2, vnni = (_ext.linear_q8(x, plan, isa=_ext.ISA_CODES[i]) for i in ("avx2", "avxvnni"))
+        if bits == 8:
+            torch.testing.assert_close(vnni, avx2, rtol=1e-5, atol=1e-5 * avx2.abs().max().item())
+        else:
+            assert torch.equal(vnni, avx2), f"{fmt.spec} {out_f}x{in_f} layout {layout}"
 
 
 def test_q8_kernel_offered_only_for_its_formats(monkeypatch):

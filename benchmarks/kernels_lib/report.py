@@ -289,6 +289,7 @@ def markdown(records: dict, settings: Settings, checks: list[Check], png: Path |
         f"{machine.get('cpu', '?')} ({machine.get('cpus', '?')} CPUs; flags {' '.join(machine.get('flags', []))}), "
         f"torch {machine.get('torch', '?')} (CPU capability {machine.get('torch_cpu_capability', '?')}), lowbit "
         f"{machine.get('lowbit', '?')}, fused kernel path `{fused.get('isa')}` (CPU best `{fused.get('cpu_isa')}`)"
+        + (f", int8-activation path `{fused['q8_isa']}`" if fused.get("q8_isa") else "")
         + (f", environment {machine['env']}" if machine.get("env") else "") + ". Read bandwidth (fp32 tensor sum, "
         + ", ".join(f"{b['threads']} thread{'s' * (b['threads'] > 1)}: {b['GB_per_s']:.1f} GB/s"
                     for b in (records.get("bandwidth") or {}).get("bandwidth", [])) + "). "

@@ -17,9 +17,10 @@ fused       grouped_int 2/3/4/8-bit, any group size       lowbit's C++ extension
                                                           FMA microkernel
 fused_q8    grouped_int 2/3/4/8-bit, per channel or       the same extension: x quantized per call
             groups of a multiple of 64; at most 8 rows    to int8 per 32 columns, integer dot
-                                                          products (AVX-512 VNNI, else AVX2
-                                                          vpmaddubsw); decode only, within 2e-2 of
-                                                          fp32; see :func:`int8_activations`
+                                                          products (AVX-512 VNNI, else AVX-VNNI,
+                                                          else AVX2 vpmaddubsw); decode only,
+                                                          within 2e-2 of fp32; see
+                                                          :func:`int8_activations`
 triton      grouped_int 2/3/4/8-bit, any group size,      Triton kernels (``lowbit[gpu]``,
             on a CUDA device                              :mod:`lowbit.kernels._triton`): the stored
                                                           codes decoded in registers, a GEMV up to
@@ -31,7 +32,7 @@ triton      grouped_int 2/3/4/8-bit, any group size,      Triton kernels (``lowb
 impossible it warns once and computes like ``reference`` (and the automatic choice leaves it out).
 ``LOWBIT_NO_EXT=1`` removes it from the candidates altogether (``LOWBIT_KERNEL=fused`` then runs
 ``reference``).  :func:`fused_info` says which instruction-set path runs (``LOWBIT_ISA=avx2`` forces a
-lower one).
+lower one; ``avxvnni``, between ``avx2`` and ``avx512``, only changes the int8 kernel's path).
 
 Which is fastest depends on the shape and the number of rows of ``x`` (at batch 1 on small
 CPUs the aten kernels can lose to a dequantize + fp32 matmul), so the first call for a
@@ -197,7 +198,8 @@ class Fused(Kernel, register=False):
 
 class FusedQ8(Fused, register=False):
     """The fused GEMV with x quantized per call to int8 per 32 columns (as llama.cpp's Q8_0 activations), multiplied
-    with integer dot products: AVX-512 VNNI (``csrc/fused_vnni.cpp``) or AVX2 (``csrc/fused_q8_avx2.cpp``).
+    with integer dot products: AVX-512 VNNI (``csrc/fused_vnni.cpp``), AVX-VNNI (``csrc/fused_q8_avxvnni.cpp``)
+    or AVX2 (``csrc/fused_q8_avx2.cpp``).
     Offered for decode only (at most 8 rows of x, so prefill, perplexity and calibration never run it), for groups
     of a multiple of 64 columns or per channel, where :func:`int8_activations` allows it. Its products are within
     2e-2 (relative to the output's largest value) of fp32; on the decode path it costs about 1 % perplexity."""
@@ -272,7 +274,7 @@ if _triton_installed():
 
 def int8_activations() -> bool:
     """Whether decode may run the int8-activation kernel (``fused_q8``, chosen per shape when faster).
-    ``LOWBIT_INT8_ACT=1`` or unset (``auto``): wherever a q8 path runs (AVX-512 VNNI or AVX2); ``0``: never.
+    ``LOWBIT_INT8_ACT=1`` or unset (``auto``): wherever a q8 path runs (AVX-512 VNNI, AVX-VNNI or AVX2); ``0``: never.
     Measured, 2 threads, weights from memory: on an AVX2 EPYC the fp32-activation GEMV is compute-bound (shift,
     convert and FMA per 8 columns) and the int8 one, 32 columns in about five integer ops, is 1.4-2x faster per
     call, w4g128-head8 decode 156 against 125 tokens/s; on an AVX-512 VNNI EPYC one vpdpbusd covers 64 columns
@@ -293,7 +295,8 @@ if not _ext.disabled():
 
 def fused_info() -> dict:
     """Which path the ``fused`` kernel runs here (see :func:`lowbit.kernels._ext.fused_info`):
-    ``{"available": bool, "isa": "avx512" | "avx2" | "scalar" | None, "cpu_isa": ..., "isas": [...], ...}``."""
+    ``{"available": bool, "isa": "avx512" | "avx2" | "scalar" | None, "cpu_isa": ..., "isas": [...],
+    "q8_isa": "avx512" | "avxvnni" | "avx2" | None, "q8_isas": [...], ...}``."""
     return _ext.fused_info()
 
 

@@ -47,10 +47,12 @@ log = logging.getLogger("lowbit.kernels")
 NAME = "lowbit_fused"
 CSRC = Path(__file__).resolve().with_name("csrc")
 SOURCES = ("fused_ops.cpp", "fused_layer.cpp", "fused_scalar.cpp", "fused_avx2.cpp", "fused_avx512.cpp", "fused_vnni.cpp",
-           "fused_q8_avx2.cpp", "fused_learn.cpp", "fused_gptq.cpp")
+           "fused_q8_avx2.cpp", "fused_q8_avxvnni.cpp", "fused_learn.cpp", "fused_gptq.cpp")
 HEADERS = ("fused_common.h", "fused_step.h", "rounding.h")
-ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
-ISA_NAMES = {1: "scalar", 2: "avx2", 3: "avx512"}
+# ordered as the C++ side's Isa enum; "avxvnni" (AVX2 with the 256-bit VEX vpdpbusd) is a path of the
+# int8-activation kernel only: the fp32 kernels run their AVX2 code there
+ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512": 4}
+ISA_NAMES = {1: "scalar", 2: "avx2", 3: "avxvnni", 4: "avx512"}
 _BUILD_VERSION = 1                       # bump to force a rebuild without a source change
 
 _lock = threading.Lock()
@@ -281,20 +283,27 @@ def requested_isa() -> int:
     return _isa_seen[1]
 
 
+def _fp32_path(code: int) -> str:
+    """The fp32-activation kernels' path for a resolved ISA code (they have no AVX-VNNI code of their own)."""
+    return "avx2" if code == ISA_CODES["avxvnni"] else ISA_NAMES[code]
+
+
 def fused_info() -> dict:
-    """Which fused CPU path runs here: ``isa`` ('avx512', 'avx2', 'scalar'; None when unavailable),
-    the CPU's best (``cpu_isa``), all paths this CPU can run (``isas``), the int8-activation kernel's path
-    (``q8_isa``: 'avx512' with VNNI, 'avx2', None), and why it is unavailable."""
+    """Which fused CPU path runs here: the fp32-activation kernels' ``isa`` ('avx512', 'avx2', 'scalar'; None
+    when unavailable) and every one this CPU can run (``isas``), the CPU's best level (``cpu_isa``: one of those
+    or 'avxvnni'), the int8-activation kernel's path (``q8_isa``: 'avx512' with AVX-512 VNNI, 'avxvnni' with the
+    256-bit AVX-VNNI, 'avx2', None) and every one this CPU can run (``q8_isas``), and why it is unavailable."""
     ok = available()
-    info = {"available": ok, "isa": None, "cpu_isa": None, "isas": [], "q8_isa": None,
+    info = {"available": ok, "isa": None, "cpu_isa": None, "isas": [], "q8_isa": None, "q8_isas": [],
             "requested": os.environ.get("LOWBIT_ISA") or "auto",
             "feature_level": feature_level(), "build_dir": _state["build_dir"], "reason": _state["reason"]}
     if ok:
         best = int(torch.ops.lowbit.fused_cpu_isa(0))
         info["cpu_isa"] = ISA_NAMES[best]
-        info["isas"] = [ISA_NAMES[i] for i in sorted(ISA_NAMES) if i <= best]
-        info["isa"] = ISA_NAMES[int(torch.ops.lowbit.fused_cpu_isa(requested_isa()))]
+        info["isas"] = sorted({_fp32_path(i) for i in ISA_NAMES if i <= best}, key=ISA_CODES.get)
+        info["isa"] = _fp32_path(int(torch.ops.lowbit.fused_cpu_isa(requested_isa())))
         info["q8_isa"] = q8_isa()
+        info["q8_isas"] = sorted({q8_isa(i) for i in ISA_NAMES} - {None}, key=ISA_CODES.get)
     return info
 
 
@@ -378,8 +387,8 @@ def q8_supports(fmt) -> bool:
 
 
 def q8_isa(isa: int | None = None) -> str | None:
-    """The int8-activation kernel's path for ``isa`` (default ``LOWBIT_ISA``): ``avx512`` (VNNI), ``avx2`` or
-    None where it cannot run."""
+    """The int8-activation kernel's path for ``isa`` (default ``LOWBIT_ISA``): ``avx512`` (AVX-512 VNNI),
+    ``avxvnni`` (256-bit AVX-VNNI, no AVX-512), ``avx2`` (vpmaddubsw) or None where it cannot run."""
     if not available():
         return None
     code = int(torch.ops.lowbit.fused_q8_isa(requested_isa() if isa is None else isa))

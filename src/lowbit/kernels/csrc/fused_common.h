@@ -25,7 +25,9 @@
 
 namespace lowbit_fused {
 
-enum Isa : int { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+// Ordered: a request is capped at the CPU's best (fused_ops.cpp, resolve_isa).  ISA_AVXVNNI: AVX2 with the 256-bit
+// VEX vpdpbusd; only the int8-activation kernel has a path of its own for it, the fp32 kernels run AVX2's.
+enum Isa : int { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVXVNNI = 3, ISA_AVX512 = 4 };
 
 struct Args {
   const float* x;          // (m, in) fp32, row stride ldx
@@ -364,6 +366,8 @@ bool gemv_q8_vnni(const Q8Args& q, int64_t o0, int64_t o1);
 // xt, sxb: layout 2's x in super-chunk order and per-block scales (Q8Args), or nullptr
 void quantize_x_vnni(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum, int8_t* xt, float* sxb);
 bool gemv_q8_avx2(const Q8Args& q, int64_t o0, int64_t o1);
+bool gemv_q8_avxvnni(const Q8Args& q, int64_t o0, int64_t o1);   // fused_q8_avxvnni.cpp; x from quantize_x_avx2
+bool q8_avxvnni_built();                                          // false: the compiler could not build it
 void quantize_x_avx2(const float* x, int64_t P, int8_t* xq, float* sxv, float* bsum, int8_t* xt, float* sxb);
 bool gemm_avx2(const float* xp, int64_t m, int64_t K, const float* w, int64_t n, float* y, int64_t ldy);
 bool gemm_avx512(const float* xp, int64_t m, int64_t K, const float* w, int64_t n, float* y, int64_t ldy);

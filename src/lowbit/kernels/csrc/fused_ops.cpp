@@ -32,6 +32,19 @@
 namespace lowbit_fused {
 namespace {
 
+// AVX-VNNI (the 256-bit VEX vpdpbusd) and a unit built for it (fused_q8_avxvnni.cpp: GCC 11 or clang 12).
+bool cpu_has_avxvnni() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return q8_avxvnni_built() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 int cpu_best_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const int best = [] {
@@ -40,7 +53,7 @@ int cpu_best_isa() {
                       __builtin_cpu_supports("f16c");
     const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl");
-    return avx512 ? (int)ISA_AVX512 : avx2 ? (int)ISA_AVX2 : (int)ISA_SCALAR;
+    return avx512 ? (int)ISA_AVX512 : avx2 && cpu_has_avxvnni() ? (int)ISA_AVXVNNI : avx2 ? (int)ISA_AVX2 : (int)ISA_SCALAR;
   }();
   return best;
 #else
@@ -61,10 +74,12 @@ bool cpu_has_vnni() {
 #endif
 }
 
+// A request capped at the CPU's best; AVX-VNNI on an AVX-512 CPU without it is AVX2.
 int resolve_isa(int64_t requested) {
   const int best = cpu_best_isa();
   if (requested <= ISA_AUTO) return best;
-  return (int)std::min<int64_t>(requested, best);
+  const int use = (int)std::min<int64_t>(requested, best);
+  return use == ISA_AVXVNNI && !cpu_has_avxvnni() ? (int)ISA_AVX2 : use;
 }
 
 // LOWBIT_ISA as the Python side reads it (lowbit.kernels._ext.requested_isa, which passes it to every op with an
@@ -75,15 +90,18 @@ int env_isa() {
   if (!v) return ISA_AUTO;
   if (!strcasecmp(v, "scalar")) return ISA_SCALAR;
   if (!strcasecmp(v, "avx2")) return ISA_AVX2;
+  if (!strcasecmp(v, "avxvnni")) return ISA_AVXVNNI;
   if (!strcasecmp(v, "avx512")) return ISA_AVX512;
   return ISA_AUTO;
 }
 
-// The int8-activation kernel's ISA for a requested one: ISA_AVX512 (VNNI dot products) where the CPU has
-// VNNI and the request allows AVX-512, ISA_AVX2 (vpmaddubsw) where it has AVX2, else ISA_SCALAR (none).
+// The int8-activation kernel's ISA for a requested one: ISA_AVX512 (AVX-512 VNNI dot products) where the CPU has
+// them and the request allows AVX-512, ISA_AVXVNNI (256-bit vpdpbusd) where it has AVX-VNNI and the request allows
+// it, ISA_AVX2 (vpmaddubsw) where it has AVX2, else ISA_SCALAR (none).
 int q8_isa(int64_t requested) {
   const int use = resolve_isa(requested);
   if (use >= ISA_AVX512 && cpu_has_vnni()) return ISA_AVX512;
+  if (use >= ISA_AVXVNNI && cpu_has_avxvnni()) return ISA_AVXVNNI;
   return use >= ISA_AVX2 ? (int)ISA_AVX2 : (int)ISA_SCALAR;
 }
 
@@ -339,9 +357,9 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& codes, const at
 // quantized x over each group (xs, through bsum: P / 32 floats of scratch).  The zero point's term uses that
 // sum, so the result is exactly W @ dequant(xq): its error scales with q - z, not with q.
 // Layout 2 also takes x in super-chunk order (xt, super_cols(P) bytes) and the blocks' scales (sxb, P / 32).
-void quantize_row_q8(const Args& a, bool vnni, const float* x, int8_t* xq, float* sxv, float* xs, float* bsum,
+void quantize_row_q8(const Args& a, int q8isa, const float* x, int8_t* xq, float* sxv, float* xs, float* bsum,
                      int8_t* xt = nullptr, float* sxb = nullptr) {
-  (vnni ? quantize_x_vnni : quantize_x_avx2)(x, a.P, xq, sxv, bsum, xt, sxb);
+  (q8isa == ISA_AVX512 ? quantize_x_vnni : quantize_x_avx2)(x, a.P, xq, sxv, bsum, xt, sxb);
   for (int64_t g = 0; g < a.G; ++g) {
     const int64_t b0 = g * a.gw / 32, b1 = std::min((g + 1) * a.gw, a.P) / 32;
     float t = 0.f;
@@ -351,9 +369,9 @@ void quantize_row_q8(const Args& a, bool vnni, const float* x, int8_t* xq, float
 }
 
 // The int8-activation kernel's checks for a layer: this CPU runs it (AVX2 at least) and the groups are per channel
-// or a multiple of 64 columns, codes in layout 1 or 2.  True where it runs with VNNI (fused_vnni.cpp), false with
-// AVX2 (fused_q8_avx2.cpp).
-bool q8_vnni(const Args& a, int64_t isa, int64_t group_size, int64_t layout) {
+// or a multiple of 64 columns, codes in layout 1 or 2.  Returns the path: ISA_AVX512 (fused_vnni.cpp), ISA_AVXVNNI
+// (fused_q8_avxvnni.cpp) or ISA_AVX2 (fused_q8_avx2.cpp).
+int q8_path(const Args& a, int64_t isa, int64_t group_size, int64_t layout) {
   const int q8isa = q8_isa(isa);
   TORCH_CHECK(q8isa != ISA_SCALAR, "lowbit fused kernel: the int8-activation kernel needs AVX2 (or AVX-512 VNNI), "
               "which this CPU lacks");
@@ -363,7 +381,17 @@ bool q8_vnni(const Args& a, int64_t isa, int64_t group_size, int64_t layout) {
                     "layout 1 or 2, got ", layout);
   TORCH_CHECK_VALUE(a.in < (int64_t(1) << 26), "lowbit fused kernel: in_features=", a.in, " too large for the "
                     "int8-activation kernel (2**26 at most)");
-  return q8isa == ISA_AVX512;
+  return q8isa;
+}
+
+// Rows [o0, o1) of the int8-activation GEMV on the path q8_path chose.
+void gemv_q8(const Q8Args& q, int q8isa, int64_t o0, int64_t o1) {
+  if (q8isa == ISA_AVX512)
+    gemv_q8_vnni(q, o0, o1);
+  else if (q8isa == ISA_AVXVNNI)
+    gemv_q8_avxvnni(q, o0, o1);
+  else
+    gemv_q8_avx2(q, o0, o1);
 }
 
 // x @ W.T with x quantized to int8 per 32 columns (fused_vnni.cpp with VNNI, else fused_q8_avx2.cpp); codes in repack
@@ -373,7 +401,7 @@ at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const
                              int64_t in_features, int64_t isa, int64_t layout) {
   Layer L = make_layer(codes, scale, zero, bits, group_size, in_features);
   Args& a = L.a;
-  const bool vnni = q8_vnni(a, isa, group_size, layout);
+  const int q8isa = q8_path(a, isa, group_size, layout);
   const bool super = layout == 2 && bits != 8;
   const at::Tensor xc = checked_x(x, a, in_features);
   const int64_t m = xc.size(0), P = a.P, nch = P / 64, nb = P / 32, S = super ? super_cols(P) : 0;
@@ -392,7 +420,7 @@ at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const
   float* bsum = xs + m * a.G;
   float* sxb = bsum + nb + 1;
   for (int64_t r = 0; r < m; ++r)
-    quantize_row_q8(a, vnni, xd + r * in_features, xq + r * P, sxv + r * nch * 16, xs + r * a.G, bsum,
+    quantize_row_q8(a, q8isa, xd + r * in_features, xq + r * P, sxv + r * nch * 16, xs + r * a.G, bsum,
                     super ? xt + r * S : nullptr, super ? sxb + r * nb : nullptr);
   const int64_t grain = gemv_grain(a, m);
   for (int64_t r0 = 0; r0 < m; r0 += 8) {
@@ -407,12 +435,7 @@ at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const
     q.layout = super ? 2 : 1;
     q.xt = xt + r0 * S;
     q.sxb = sxb + r0 * nb;
-    at::parallel_for(0, a.out, grain, [&](int64_t o0, int64_t o1) {
-      if (vnni)
-        gemv_q8_vnni(q, o0, o1);
-      else
-        gemv_q8_avx2(q, o0, o1);
-    });
+    at::parallel_for(0, a.out, grain, [&](int64_t o0, int64_t o1) { gemv_q8(q, q8isa, o0, o1); });
   }
   return y;
 }
@@ -460,7 +483,7 @@ void bind_step_linear(StepLinear& s, const at::Tensor& codes, const at::Tensor& 
   s.q8 = q8 != 0;
   s.layout = q8 == 2 && bits != 8 ? 2 : 1;
   const int isa = env_isa();
-  if (q8) s.vnni = q8_vnni(s.a, isa, group_size, s.layout);
+  if (q8) s.q8isa = q8_path(s.a, isa, group_size, s.layout);
   s.isa = resolve_isa(isa);
   s.grain = gemv_grain(s.a, 1);
 }
@@ -482,7 +505,7 @@ void prepare_step_linear(StepLinear& s, StepWorkspace& w, const float* x, float*
     float* xs = sxv + nch * 16;
     float* sxb = xs + a.G + nb + 1;
     int8_t* xt = w.xq.data() + a.P;
-    quantize_row_q8(a, s.vnni, x, w.xq.data(), sxv, xs, xs + a.G, super ? xt : nullptr, super ? sxb : nullptr);
+    quantize_row_q8(a, s.q8isa, x, w.xq.data(), sxv, xs, xs + a.G, super ? xt : nullptr, super ? sxb : nullptr);
     s.q.a = a;
     s.q.xq = w.xq.data();
     s.q.sxv = sxv;
@@ -501,10 +524,7 @@ void prepare_step_linear(StepLinear& s, StepWorkspace& w, const float* x, float*
 void step_linear_rows(const StepLinear& s, int64_t o0, int64_t o1) {
   if (o0 >= o1) return;
   if (s.q8) {
-    if (s.vnni)
-      gemv_q8_vnni(s.q, o0, o1);
-    else
-      gemv_q8_avx2(s.q, o0, o1);
+    gemv_q8(s.q, s.q8isa, o0, o1);
   } else {
     gemv_dispatch(s.a, s.isa, o0, o1);
   }

@@ -13,13 +13,35 @@
 //
 // Per group the int32 lanes are converted and accumulated with x's block scale (fp32), then scaled by the
 // group's weight scale; columns past the last multiple of 64 are computed exactly in fp32 (scalar_dot).
+//
+// AVX-VNNI (fused_q8_avxvnni.cpp compiles this file again with LOWBIT_Q8_AVXVNNI = 1, for CPUs with the 256-bit
+// VEX vpdpbusd but no AVX-512: Intel's client cores since Alder Lake, its E-core Xeons): vpdpbusd sums the 4
+// products of a lane straight into int32, so the 8-bit codes stay unsigned (no recentring, no sign trick) and
+// layout 2's fields stay in place as in fused_vnni.cpp (their power of two shifted out of the int32 sum, exact),
+// instead of vpmaddubsw + vpmaddwd with every field first brought down to 0..15.
 #include "fused_common.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
+#ifndef LOWBIT_Q8_AVXVNNI
+#define LOWBIT_Q8_AVXVNNI 0
+#endif
+
+// AVX-VNNI intrinsics need GCC 11 or clang 12; an older compiler builds the AVX-VNNI unit as stubs (never chosen)
+#if LOWBIT_Q8_AVXVNNI && ((defined(__clang__) && __clang_major__ < 12) || \
+                          (!defined(__clang__) && defined(__GNUC__) && __GNUC__ < 11))
+#define LOWBIT_Q8_STUBS 1
+#endif
+
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(LOWBIT_Q8_STUBS)
 #include <immintrin.h>
 
-#if defined(__clang__)
+// (the target strings spelled out: GCC does not expand macros in its target pragma)
+#if defined(__clang__) && LOWBIT_Q8_AVXVNNI
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avxvnni"))), apply_to = function)
+#elif defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#elif LOWBIT_Q8_AVXVNNI
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
 #else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -30,13 +52,19 @@ namespace {
 
 #define LB_INLINE inline __attribute__((always_inline))
 
+constexpr bool kVnni = LOWBIT_Q8_AVXVNNI;
+
 LB_INLINE __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
 // The 32 codes of half h (columns 32h .. 32h+31) of chunk k (columns 64k .. 64k+63) of a row, as bytes in
-// column order: unsigned for 2-4 bits, q - 128 as int8 for 8 bits.  Layout 1 (fused_vnni.cpp's header).
+// column order: unsigned for 2-4 bits, q - 128 as int8 for 8 bits (unsigned with AVX-VNNI).  Layout 1
+// (fused_vnni.cpp's header).
 template <int BITS>
 LB_INLINE __m256i half_codes(const uint8_t* row, int64_t k, int h, int64_t full4) {
-  if (BITS == 8) return _mm256_xor_si256(load32(row + k * 64 + h * 32), _mm256_set1_epi8((char)0x80));
+  if (BITS == 8) {
+    const __m256i v = load32(row + k * 64 + h * 32);
+    return kVnni ? v : _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
+  }
   const __m256i lo4 = _mm256_set1_epi8(0x0f);
   if (BITS == 4) {
     // a full 128-column block: byte b holds column b (low nibble) and 64 + b (high); the last half block:
@@ -87,21 +115,69 @@ LB_INLINE float hsum(__m256 s) {
   return _mm_cvtss_f32(t);
 }
 
-// 8 int32 lanes, each the sum of 4 products of codes w and int8 x (BITS == 8: w is q - 128, signed)
+// 8 int32 lanes, each the sum of 4 products of codes w and int8 x (BITS == 8: w is q - 128, signed, and wabs
+// its absolute value; with AVX-VNNI w is unsigned for every width and wabs unused)
 template <int BITS>
 LB_INLINE __m256i dot32(__m256i w, __m256i wabs, __m256i x) {
+#if LOWBIT_Q8_AVXVNNI
+  (void)wabs;
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, x);
+#else
   const __m256i p = BITS == 8 ? _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w)) : _mm256_maddubs_epi16(w, x);
   return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#endif
 }
 
 // Layout 2 (fused_common.h), read as two 256-bit halves per chunk: half h of chunk k gives lane i (0..7) columns of
 // x's block 8h + i.  vpmaddubsw's pair sums stay in int16 over the 8 chunks of a super-chunk (each chunk's codes
 // brought down to 0..15 first: |pair| <= 2 * 15 * 127, eight of them 30480 < 32767, exact), then one vpmaddwd
 // with ones gives the int32 sums of the 8 lanes.
+//
+// With AVX-VNNI: fused_vnni.cpp's super_dot on 256-bit halves, each field masked in place and its power of two
+// shifted out of the int32 sum (exact); chunks 6 and 7 at 3 bits take bit 2 from V2 (bit 3, bit 4) moved to bit 5.
 template <int BITS>
 LB_INLINE __m256i super_half_dot(const uint8_t* w, const int8_t* xt) {
   auto X = [&](int k) __attribute__((always_inline)) { return load32(reinterpret_cast<const uint8_t*>(xt) + 64 * k); };
   auto V = [&](int j) __attribute__((always_inline)) { return load32(w + 64 * j); };
+#if LOWBIT_Q8_AVXVNNI
+  const __m256i z = _mm256_setzero_si256();
+  auto M = [](int m) __attribute__((always_inline)) { return _mm256_set1_epi8((char)m); };
+  auto D = [](__m256i acc, __m256i c, __m256i x) __attribute__((always_inline)) {
+    return _mm256_dpbusd_avx_epi32(acc, c, x);
+  };
+  if constexpr (BITS == 4) {
+    __m256i a1 = z, a16 = z;
+    for (int j = 0; j < 4; ++j) {
+      const __m256i v = V(j);
+      a1 = D(a1, _mm256_and_si256(v, M(0x0f)), X(j));
+      a16 = D(a16, _mm256_and_si256(v, M(0xf0)), X(j + 4));
+    }
+    return _mm256_add_epi32(a1, _mm256_srai_epi32(a16, 4));
+  } else if constexpr (BITS == 3) {
+    const __m256i v0 = V(0), v1 = V(1), v2 = V(2);
+    __m256i a1 = D(z, _mm256_and_si256(v0, M(0x07)), X(0));
+    __m256i a32 = D(z, _mm256_and_si256(v0, M(0xe0)), X(1));
+    a1 = D(a1, _mm256_and_si256(v1, M(0x07)), X(2));
+    a32 = D(a32, _mm256_and_si256(v1, M(0xe0)), X(3));
+    a1 = D(a1, _mm256_and_si256(v2, M(0x07)), X(4));
+    a32 = D(a32, _mm256_and_si256(v2, M(0xe0)), X(5));
+    const __m256i c6 = _mm256_or_si256(_mm256_and_si256(v0, M(0x18)),
+                                       _mm256_slli_epi16(_mm256_and_si256(v2, M(0x08)), 2));
+    const __m256i c7 = _mm256_or_si256(_mm256_and_si256(v1, M(0x18)),
+                                       _mm256_slli_epi16(_mm256_and_si256(v2, M(0x10)), 1));
+    const __m256i a8 = D(D(z, c6, X(6)), c7, X(7));
+    return _mm256_add_epi32(_mm256_add_epi32(a1, _mm256_srai_epi32(a32, 5)), _mm256_srai_epi32(a8, 3));
+  } else {
+    const __m256i v0 = V(0), v1 = V(1);
+    __m256i a[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256i m = M(3 << (2 * j));
+      a[j] = D(D(z, _mm256_and_si256(v0, m), X(j)), _mm256_and_si256(v1, m), X(j + 4));
+    }
+    return _mm256_add_epi32(_mm256_add_epi32(a[0], _mm256_srai_epi32(a[1], 2)),
+                            _mm256_add_epi32(_mm256_srai_epi32(a[2], 4), _mm256_srai_epi32(a[3], 6)));
+  }
+#else
   auto field = [](__m256i v, int shift, int mask) __attribute__((always_inline)) {
     return _mm256_and_si256(shift ? _mm256_srli_epi16(v, shift) : v, _mm256_set1_epi8((char)mask));
   };
@@ -134,6 +210,7 @@ LB_INLINE __m256i super_half_dot(const uint8_t* w, const int8_t* xt) {
     }
   }
   return _mm256_madd_epi16(a, _mm256_set1_epi16(1));
+#endif
 }
 
 // 8 of a row's fp16 values from group g0 on (lanes past its G groups: whatever follows, never faulting).
@@ -212,7 +289,7 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
   const int64_t nch = a.P >> 6;
   const int64_t cpg = a.G == 1 ? (nch > 0 ? nch : 1) : a.gw >> 6;
   const int64_t full4 = (a.P & ~int64_t(127)) >> 6;
-  const float zsym = (float)(1 << (a.bits - 1)), zoff = BITS == 8 ? 128.f : 0.f;
+  const float zsym = (float)(1 << (a.bits - 1)), zoff = BITS == 8 && !kVnni ? 128.f : 0.f;
   int64_t o = o0;
   prefetch_rows(a.codes, a.row_bytes, o0, o0 + kPrefetchRows, o1);      // a call starts cold
   for (; o + R <= o1; o += R) {
@@ -245,7 +322,7 @@ void q8_rows(const Q8Args& q, int64_t o0, int64_t o1) {
           __m256i w[R], wabs[R];
           for (int i = 0; i < R; ++i) {
             w[i] = half_codes<BITS>(row[i], k, h, full4);
-            if (BITS == 8) wabs[i] = _mm256_abs_epi8(w[i]);
+            wabs[i] = BITS == 8 && !kVnni ? _mm256_abs_epi8(w[i]) : w[i];
           }
           for (int r = 0; r < M; ++r) {
             const __m256i xk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.xq + r * a.P + k * 64 + h * 32));
@@ -339,6 +416,14 @@ void q8_m(const Q8Args& q, int64_t o0, int64_t o1) {
 
 }  // namespace
 
+#if LOWBIT_Q8_AVXVNNI
+bool gemv_q8_avxvnni(const Q8Args& q, int64_t o0, int64_t o1) {
+  LOWBIT_BY_BITS(q.a.bits, q8_m, q, o0, o1)
+  return true;
+}
+
+bool q8_avxvnni_built() { return true; }
+#else
 // As quantize_x_vnni: a row of x (first P columns, P % 64 == 0) -> int8 codes, each chunk's 16 per-lane
 // scales (lanes 0-7 block 2k, 8-15 block 2k + 1), each 32-column block's dequantized sum.  Scale absmax /
 // 127; round half to even (MXCSR default).
@@ -383,6 +468,7 @@ bool gemv_q8_avx2(const Q8Args& q, int64_t o0, int64_t o1) {
   LOWBIT_BY_BITS(q.a.bits, q8_m, q, o0, o1)
   return true;
 }
+#endif
 
 }  // namespace lowbit_fused
 
@@ -392,11 +478,16 @@ bool gemv_q8_avx2(const Q8Args& q, int64_t o0, int64_t o1) {
 #pragma GCC pop_options
 #endif
 
-#else  // not x86-64
+#else  // not x86-64, or an AVX-VNNI unit this compiler cannot build
 
 namespace lowbit_fused {
+#if LOWBIT_Q8_AVXVNNI
+bool gemv_q8_avxvnni(const Q8Args&, int64_t, int64_t) { return false; }
+bool q8_avxvnni_built() { return false; }
+#else
 bool gemv_q8_avx2(const Q8Args&, int64_t, int64_t) { return false; }
 void quantize_x_avx2(const float*, int64_t, int8_t*, float*, float*, int8_t*, float*) {}
+#endif
 }  // namespace lowbit_fused
 
 #endif

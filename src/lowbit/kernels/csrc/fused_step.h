@@ -26,7 +26,8 @@ struct StepLinear {
   at::Tensor codes, scale, zero;   // contiguous, kept alive for the step
   Args a;
   Q8Args q;
-  bool q8 = false, vnni = false;
+  bool q8 = false;
+  int q8isa = 0;                   // the q8 path (fused_ops.cpp, q8_path): ISA_AVX512, ISA_AVXVNNI or ISA_AVX2
   int layout = 1;                  // the q8 codes' repack layout (1, or 2 with VNNI)
   int isa = 0;
   int64_t grain = 1;
