@@ -48,7 +48,7 @@ NAME = "lowbit_fused"
 CSRC = Path(__file__).resolve().with_name("csrc")
 SOURCES = ("fused_ops.cpp", "fused_layer.cpp", "fused_scalar.cpp", "fused_avx2.cpp", "fused_avx512.cpp", "fused_vnni.cpp",
            "fused_q8_avx2.cpp", "fused_q8_avxvnni.cpp", "fused_learn.cpp", "fused_gptq.cpp")
-HEADERS = ("fused_common.h", "fused_step.h", "rounding.h")
+HEADERS = ("fused_common.h", "fused_step.h", "rounding.h", "super_dot.h")
 # ordered as the C++ side's Isa enum; "avxvnni" (AVX2 with the 256-bit VEX vpdpbusd) is a path of the
 # int8-activation kernel only: the fp32 kernels run their AVX2 code there
 ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512": 4}

@@ -51,6 +51,7 @@ namespace lowbit_fused {
 namespace {
 
 #define LB_INLINE inline __attribute__((always_inline))
+#include "super_dot.h"
 
 constexpr bool kVnni = LOWBIT_Q8_AVXVNNI;
 
@@ -133,51 +134,32 @@ LB_INLINE __m256i dot32(__m256i w, __m256i wabs, __m256i x) {
 // brought down to 0..15 first: |pair| <= 2 * 15 * 127, eight of them 30480 < 32767, exact), then one vpmaddwd
 // with ones gives the int32 sums of the 8 lanes.
 //
-// With AVX-VNNI: fused_vnni.cpp's super_dot on 256-bit halves, each field masked in place and its power of two
-// shifted out of the int32 sum (exact); chunks 6 and 7 at 3 bits take bit 2 from V2 (bit 3, bit 4) moved to bit 5.
+// With AVX-VNNI: super_dot.h on 256-bit halves, each field masked in place and its power of two shifted out of the
+// int32 sum (exact); chunks 6 and 7 at 3 bits take bit 2 from V2 (bit 3, bit 4) shifted to bit 5.
+#if LOWBIT_Q8_AVXVNNI
+struct OpsVnni256 {
+  using V = __m256i;
+  static LB_INLINE V zero() { return _mm256_setzero_si256(); }
+  static LB_INLINE V load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static LB_INLINE V set1(int m) { return _mm256_set1_epi8((char)m); }
+  static LB_INLINE V and_(V a, V b) { return _mm256_and_si256(a, b); }
+  static LB_INLINE V add(V a, V b) { return _mm256_add_epi32(a, b); }
+  static LB_INLINE V sra(V a, int n) { return _mm256_srai_epi32(a, n); }
+  static LB_INLINE V dot(V acc, V c, V x) { return _mm256_dpbusd_avx_epi32(acc, c, x); }
+  template <int SHIFT>
+  static LB_INLINE V with_bit2(V c, V v2, V m) {   // no byte masks: the bit shifted to bit 5 (16-bit shift, masked first)
+    return _mm256_or_si256(c, _mm256_slli_epi16(_mm256_and_si256(v2, m), SHIFT));
+  }
+};
+#endif
+
 template <int BITS>
 LB_INLINE __m256i super_half_dot(const uint8_t* w, const int8_t* xt) {
+#if LOWBIT_Q8_AVXVNNI
+  return super_dot_of<BITS, OpsVnni256>(w, xt);
+#else
   auto X = [&](int k) __attribute__((always_inline)) { return load32(reinterpret_cast<const uint8_t*>(xt) + 64 * k); };
   auto V = [&](int j) __attribute__((always_inline)) { return load32(w + 64 * j); };
-#if LOWBIT_Q8_AVXVNNI
-  const __m256i z = _mm256_setzero_si256();
-  auto M = [](int m) __attribute__((always_inline)) { return _mm256_set1_epi8((char)m); };
-  auto D = [](__m256i acc, __m256i c, __m256i x) __attribute__((always_inline)) {
-    return _mm256_dpbusd_avx_epi32(acc, c, x);
-  };
-  if constexpr (BITS == 4) {
-    __m256i a1 = z, a16 = z;
-    for (int j = 0; j < 4; ++j) {
-      const __m256i v = V(j);
-      a1 = D(a1, _mm256_and_si256(v, M(0x0f)), X(j));
-      a16 = D(a16, _mm256_and_si256(v, M(0xf0)), X(j + 4));
-    }
-    return _mm256_add_epi32(a1, _mm256_srai_epi32(a16, 4));
-  } else if constexpr (BITS == 3) {
-    const __m256i v0 = V(0), v1 = V(1), v2 = V(2);
-    __m256i a1 = D(z, _mm256_and_si256(v0, M(0x07)), X(0));
-    __m256i a32 = D(z, _mm256_and_si256(v0, M(0xe0)), X(1));
-    a1 = D(a1, _mm256_and_si256(v1, M(0x07)), X(2));
-    a32 = D(a32, _mm256_and_si256(v1, M(0xe0)), X(3));
-    a1 = D(a1, _mm256_and_si256(v2, M(0x07)), X(4));
-    a32 = D(a32, _mm256_and_si256(v2, M(0xe0)), X(5));
-    const __m256i c6 = _mm256_or_si256(_mm256_and_si256(v0, M(0x18)),
-                                       _mm256_slli_epi16(_mm256_and_si256(v2, M(0x08)), 2));
-    const __m256i c7 = _mm256_or_si256(_mm256_and_si256(v1, M(0x18)),
-                                       _mm256_slli_epi16(_mm256_and_si256(v2, M(0x10)), 1));
-    const __m256i a8 = D(D(z, c6, X(6)), c7, X(7));
-    return _mm256_add_epi32(_mm256_add_epi32(a1, _mm256_srai_epi32(a32, 5)), _mm256_srai_epi32(a8, 3));
-  } else {
-    const __m256i v0 = V(0), v1 = V(1);
-    __m256i a[4];
-    for (int j = 0; j < 4; ++j) {
-      const __m256i m = M(3 << (2 * j));
-      a[j] = D(D(z, _mm256_and_si256(v0, m), X(j)), _mm256_and_si256(v1, m), X(j + 4));
-    }
-    return _mm256_add_epi32(_mm256_add_epi32(a[0], _mm256_srai_epi32(a[1], 2)),
-                            _mm256_add_epi32(_mm256_srai_epi32(a[2], 4), _mm256_srai_epi32(a[3], 6)));
-  }
-#else
   auto field = [](__m256i v, int shift, int mask) __attribute__((always_inline)) {
     return _mm256_and_si256(shift ? _mm256_srli_epi16(v, shift) : v, _mm256_set1_epi8((char)mask));
   };

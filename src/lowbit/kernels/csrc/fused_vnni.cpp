@@ -49,6 +49,7 @@ namespace lowbit_fused {
 namespace {
 
 #define LB_INLINE inline __attribute__((always_inline))
+#include "super_dot.h"
 
 // 64 codes of chunk k (columns 64k .. 64k+63) of a row, as unsigned bytes in column order.
 template <int BITS>
@@ -118,48 +119,24 @@ LB_INLINE __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
 }
 
 // One super-chunk (layout 2, fused_common.h) of a row against one row of x in super-chunk order: the int32
-// sums of its 16 lanes (lane i: x's 32-column block i of the super-chunk), each chunk masked in place and its
-// sum divided back by the mask's power of two (exact: every product of that sum carries the factor).
-template <int BITS>
-LB_INLINE __m512i super_dot(const uint8_t* w, const int8_t* xt) {
-  const __m512i z = _mm512_setzero_si512();
-  auto X = [&](int k) __attribute__((always_inline)) { return _mm512_loadu_si512(xt + 64 * k); };
-  auto V = [&](int j) __attribute__((always_inline)) { return _mm512_loadu_si512(w + 64 * j); };
-  auto M = [](int m) __attribute__((always_inline)) { return _mm512_set1_epi8((char)m); };
-  if constexpr (BITS == 4) {
-    __m512i a1 = z, a16 = z;
-    for (int j = 0; j < 4; ++j) {
-      const __m512i v = V(j);
-      a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(v, M(0x0f)), X(j));
-      a16 = _mm512_dpbusd_epi32(a16, _mm512_and_si512(v, M(0xf0)), X(j + 4));
-    }
-    return _mm512_add_epi32(a1, _mm512_srai_epi32(a16, 4));
-  } else if constexpr (BITS == 3) {
-    const __m512i v0 = V(0), v1 = V(1), v2 = V(2);
-    __m512i a1 = _mm512_dpbusd_epi32(z, _mm512_and_si512(v0, M(0x07)), X(0));
-    __m512i a32 = _mm512_dpbusd_epi32(z, _mm512_and_si512(v0, M(0xe0)), X(1));
-    a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(v1, M(0x07)), X(2));
-    a32 = _mm512_dpbusd_epi32(a32, _mm512_and_si512(v1, M(0xe0)), X(3));
-    a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(v2, M(0x07)), X(4));
-    a32 = _mm512_dpbusd_epi32(a32, _mm512_and_si512(v2, M(0xe0)), X(5));
-    // chunks 6 and 7: two low bits in place (8 q), bit 2 from V2 as a byte mask, added as 32
-    __m512i c6 = _mm512_and_si512(v0, M(0x18)), c7 = _mm512_and_si512(v1, M(0x18));
-    c6 = _mm512_mask_add_epi8(c6, _mm512_test_epi8_mask(v2, M(0x08)), c6, M(0x20));
-    c7 = _mm512_mask_add_epi8(c7, _mm512_test_epi8_mask(v2, M(0x10)), c7, M(0x20));
-    const __m512i a8 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, c6, X(6)), c7, X(7));
-    return _mm512_add_epi32(_mm512_add_epi32(a1, _mm512_srai_epi32(a32, 5)), _mm512_srai_epi32(a8, 3));
-  } else {
-    const __m512i v0 = V(0), v1 = V(1);
-    __m512i a[4];
-    for (int j = 0; j < 4; ++j) {
-      const __m512i m = M(3 << (2 * j));
-      a[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, _mm512_and_si512(v0, m), X(j)), _mm512_and_si512(v1, m),
-                                 X(j + 4));
-    }
-    return _mm512_add_epi32(_mm512_add_epi32(a[0], _mm512_srai_epi32(a[1], 2)),
-                            _mm512_add_epi32(_mm512_srai_epi32(a[2], 4), _mm512_srai_epi32(a[3], 6)));
+// sums of its 16 lanes (lane i: x's 32-column block i of the super-chunk), super_dot.h on 64-byte vectors.
+struct Ops512 {
+  using V = __m512i;
+  static LB_INLINE V zero() { return _mm512_setzero_si512(); }
+  static LB_INLINE V load(const void* p) { return _mm512_loadu_si512(p); }
+  static LB_INLINE V set1(int m) { return _mm512_set1_epi8((char)m); }
+  static LB_INLINE V and_(V a, V b) { return _mm512_and_si512(a, b); }
+  static LB_INLINE V add(V a, V b) { return _mm512_add_epi32(a, b); }
+  static LB_INLINE V sra(V a, int n) { return _mm512_srai_epi32(a, n); }
+  static LB_INLINE V dot(V acc, V c, V x) { return _mm512_dpbusd_epi32(acc, c, x); }
+  template <int SHIFT>
+  static LB_INLINE V with_bit2(V c, V v2, V m) {   // v2's bit as a byte mask, one masked add
+    return _mm512_mask_add_epi8(c, _mm512_test_epi8_mask(v2, m), c, _mm512_set1_epi8(0x20));
   }
-}
+};
+
+template <int BITS>
+LB_INLINE __m512i super_dot(const uint8_t* w, const int8_t* xt) { return super_dot_of<BITS, Ops512>(w, xt); }
 
 // Layout 2's super-chunks of R rows for M rows of x, into acc: per lane, the int32 sum over a super-chunk is
 // converted once and scaled by its x block's scale times the weight scale of the lane's group.  svl[i]: row i's
