@@ -53,7 +53,8 @@ int cpu_best_isa() {
                       __builtin_cpu_supports("f16c");
     const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl");
-    return avx512 ? (int)ISA_AVX512 : avx2 && cpu_has_avxvnni() ? (int)ISA_AVXVNNI : avx2 ? (int)ISA_AVX2 : (int)ISA_SCALAR;
+    if (avx512) return (int)ISA_AVX512;
+    return avx2 ? (int)(cpu_has_avxvnni() ? ISA_AVXVNNI : ISA_AVX2) : (int)ISA_SCALAR;
   }();
   return best;
 #else
@@ -394,7 +395,7 @@ void gemv_q8(const Q8Args& q, int q8isa, int64_t o0, int64_t o1) {
     gemv_q8_avx2(q, o0, o1);
 }
 
-// x @ W.T with x quantized to int8 per 32 columns (fused_vnni.cpp with VNNI, else fused_q8_avx2.cpp); codes in repack
+// x @ W.T with x quantized to int8 per 32 columns (the path q8_path picks, gemv_q8); codes in repack
 // layout 1 or 2.  Rows of x are taken 8 at a time; groups must be per channel or a multiple of 64 columns.
 at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                              const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size,

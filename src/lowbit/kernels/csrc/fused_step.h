@@ -28,7 +28,7 @@ struct StepLinear {
   Q8Args q;
   bool q8 = false;
   int q8isa = 0;                   // the q8 path (fused_ops.cpp, q8_path): ISA_AVX512, ISA_AVXVNNI or ISA_AVX2
-  int layout = 1;                  // the q8 codes' repack layout (1, or 2 with VNNI)
+  int layout = 1;                  // the q8 codes' repack layout (1, or 2: fused_common.h)
   int isa = 0;
   int64_t grain = 1;
 };
