@@ -203,6 +203,24 @@ def test_decode_layers_is_decode_layer_layer_after_layer(tmp_path):
     assert not torch.equal(outs[0], outs[3]) and not torch.equal(outs[2], outs[3])   # and every mask is applied
 
 
+@pytest.mark.skipif(not _ext.available(), reason="no fused extension")
+def test_int8_kernel_forced_where_no_int8_path_may_run(tmp_path, monkeypatch):
+    """``LOWBIT_KERNEL=fused_q8`` with ``LOWBIT_ISA=scalar`` (what a CPU without AVX2 offers): the int8 kernel has
+    no plan, so each layer computes the reference and no decoder layer fuses on it (it once crashed binding
+    a missing plan); the tokens are the reference kernel's."""
+    path = _saved(tmp_path, "llama")
+    ids = torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    want = _generate(lowbit.load(path, compile=False), ids)[0]
+    monkeypatch.setenv("LOWBIT_ISA", "scalar")
+    monkeypatch.setenv("LOWBIT_INT8_ACT", "1")
+    monkeypatch.setenv("LOWBIT_KERNEL", "fused_q8")
+    assert not _ext.q8_available()
+    model = lowbit.load(path)
+    assert fused.fused_count(model) == 0
+    assert torch.equal(_generate(model, ids)[0], want)
+
+
 @pytest.mark.skipif(not _ext.q8_available(), reason="no AVX-512 VNNI: no int8-activation kernel")
 def test_fused_decode_with_int8_activations(tmp_path, monkeypatch):
     path = _saved(tmp_path, "qwen3")
@@ -364,6 +382,8 @@ def test_lowbit_isa_forces_the_fused_step_path_too(tmp_path, monkeypatch):
     AVX-VNNI path, whose sums are AVX2's bit for bit at these 4-bit layers."""
     if _ext.q8_isa(_ext.ISA_CODES["avx512"]) != "avx512":
         pytest.skip("no AVX-512 VNNI here: both runs would take the AVX2 path")
+    if not _ext.q8_available():
+        pytest.skip("LOWBIT_ISA rules every int8 path out: the layers do not fuse on fused_q8")
     monkeypatch.setenv("LOWBIT_KERNEL", "fused_q8")
     monkeypatch.setenv("LOWBIT_INT8_ACT", "1")
     path = _saved_wide(tmp_path)

@@ -112,6 +112,8 @@ def qualifies(block: nn.Module, family: str) -> str | None:
         bound = lin._decode
         if bound is None or bound[0].name not in _FUSED_KERNELS:
             return f"a layer runs kernel {bound[0].name if bound else None!r}"
+        if bound[1] is None:          # e.g. fused_q8 forced where LOWBIT_ISA rules its paths out: the reference
+            return f"a layer's {bound[0].name} kernel has no plan here"
     norms = (block.input_layernorm, block.post_attention_layernorm)
     if any(type(n).__name__ not in (f"{c}RMSNorm" for c in ("Llama", "Mistral", "Qwen2", "Qwen3")) for n in norms):
         return "norms are not llama-style RMS norms"

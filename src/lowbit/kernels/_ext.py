@@ -375,9 +375,9 @@ def linear(x: Tensor, plan: FusedPlan, mode: int = 0, isa: int | None = None) ->
 
 
 def q8_available() -> bool:
-    """Whether the int8-activation kernel (:func:`linear_q8`) runs here: the extension and AVX2 (AVX-512 VNNI
-    dot products where the CPU has them, else AVX2's vpmaddubsw)."""
-    return available() and bool(torch.ops.lowbit.fused_q8_available())
+    """Whether the int8-activation kernel (:func:`linear_q8`) runs here: the extension and AVX2 at least, within
+    what ``LOWBIT_ISA`` allows (``scalar`` rules it out, as a CPU without AVX2 does); :func:`q8_isa` names the path."""
+    return q8_isa() is not None
 
 
 def q8_supports(fmt) -> bool:

@@ -441,7 +441,6 @@ at::Tensor grouped_linear_q8(const at::Tensor& x, const at::Tensor& codes, const
   return y;
 }
 
-bool fused_q8_available() { return q8_isa(ISA_AUTO) != ISA_SCALAR; }
 
 int64_t fused_cpu_isa(int64_t requested) { return resolve_isa(requested); }
 
@@ -584,7 +583,6 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def(
       "grouped_linear_q8(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int bits, int group_size, "
       "int in_features, int isa=0, int layout=1) -> Tensor");
-  m.def("fused_q8_available() -> bool", &lowbit_fused::fused_q8_available);
   m.def("fused_q8_isa(int requested=0) -> int", &lowbit_fused::fused_q8_isa);
   m.def(
       "grouped_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int bits, int group_size, "
