@@ -325,7 +325,7 @@ def _machine_file() -> Path:
     return cache_dir() / "kernels" / f"choices-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
 
 
-_ISA_FLAGS = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile"}
+_ISA_FLAGS = {"avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile"}
 
 
 def _remembered(key: str) -> str | None:
